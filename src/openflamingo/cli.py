@@ -1,0 +1,99 @@
+"""The `openflamingo` command: convert | generate (train, eval and data arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def convert_open_flamingo(args: argparse.Namespace) -> None:
+    from .model.convert import convert_open_flamingo_checkpoint
+
+    model, report = convert_open_flamingo_checkpoint(
+        args.checkpoint,
+        args.language_model,
+        args.vision_encoder,
+        heads=args.heads,
+        decoder_layers_path=args.decoder_layers_path,
+    )
+    print(report.summary())
+    model.save_pretrained(args.out, include_backbones=args.include_backbones, overwrite=args.overwrite)
+    print(f"saved {args.out}")
+
+
+def generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from .model.checkpoint import load
+    from .model.inputs import prepare_inputs
+
+    model = load(args.checkpoint).eval()
+    images = []
+    for path in args.image:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: cannot read image ({error})") from None
+    inputs = prepare_inputs(model, [args.prompt], [images])
+    output = model.generate(
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        do_sample=args.temperature > 0,
+        **({"temperature": args.temperature} if args.temperature > 0 else {}),
+    )
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    print(model.tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openflamingo", description="Flamingo-style vision-language models")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="convert checkpoints of other frameworks")
+    sources = convert.add_subparsers(dest="source", required=True)
+    open_flamingo = sources.add_parser(
+        "open-flamingo", help="an OpenFlamingo 2.0.1 checkpoint.pt / state dict"
+    )
+    open_flamingo.add_argument("checkpoint", type=Path, help="checkpoint.pt (weights only) or .safetensors")
+    open_flamingo.add_argument("--language-model", required=True, help="packaged name or local HF directory")
+    open_flamingo.add_argument(
+        "--vision-encoder", required=True, help="packaged name, HF dir or open_clip file"
+    )
+    open_flamingo.add_argument(
+        "--out", type=Path, required=True, help="directory for the converted checkpoint"
+    )
+    open_flamingo.add_argument("--heads", type=int, default=8, help="attention heads (not visible in shapes)")
+    open_flamingo.add_argument("--decoder-layers-path", default=None, help="e.g. transformer.blocks")
+    open_flamingo.add_argument(
+        "--include-backbones", action="store_true", help="store LM and vision weights too"
+    )
+    open_flamingo.add_argument("--overwrite", action="store_true")
+    open_flamingo.set_defaults(run=convert_open_flamingo)
+
+    gen = commands.add_parser("generate", help="answer a prompt about images with a saved model")
+    gen.add_argument("--checkpoint", type=Path, required=True)
+    gen.add_argument("--image", type=Path, action="append", default=[], help="repeat for several images")
+    gen.add_argument(
+        "--prompt", required=True, help='with one <image> per image, e.g. "<image>Question: ... Answer:"'
+    )
+    gen.add_argument("--max-new-tokens", type=int, default=20)
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
+    gen.set_defaults(run=generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        print(f"openflamingo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

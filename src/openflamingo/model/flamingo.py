@@ -1,0 +1,304 @@
+"""The Flamingo model: frozen vision encoder -> perceiver resampler -> gated cross-attention into a frozen HF LM.
+
+The LM keeps its class and modules. Forward pre-hooks run a gated cross-attention block on the hidden states entering
+every `every_n_layers`-th decoder layer; they read the visual tokens from a `MediaContext` that exists only for the
+duration of one forward or one `generate` call, so nothing is left behind in the layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FlamingoConfig
+from .cross_attention import GatedCrossAttentionBlock
+from .language import (
+    AddedTokenEmbeddings,
+    add_special_tokens,
+    cache_length,
+    find_decoder_layers,
+    forward_accepts,
+)
+from .perceiver import PerceiverResampler
+from .vision import VisionEncoder
+
+
+@dataclass
+class FlamingoOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+@dataclass
+class MediaContext:
+    """Visual tokens for one forward/generate call, and what the hooks derive from them along the way."""
+
+    visual_tokens: torch.Tensor  # (B, T_img, n, D_vis)
+    prompt_length: int | None = (
+        None  # when generating: <image> tokens after the prompt do not start a new image
+    )
+    text_time: torch.Tensor | None = (
+        None  # (B, L) image index (1-based, 0 = none yet) of each token of this LM call
+    )
+    images_seen: torch.Tensor | None = (
+        None  # (B,) image index of the last token processed, for cached continuation
+    )
+    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def match_batch(self, batch_size: int) -> None:
+        """generate() expands each prompt to beams / return sequences: expand the visual tokens alike."""
+        current = self.visual_tokens.shape[0]
+        if batch_size == current:
+            return
+        if batch_size % current:
+            raise ValueError(f"language model called with batch {batch_size} for {current} image sets")
+        repeats = batch_size // current
+        self.visual_tokens = self.visual_tokens.repeat_interleave(repeats, dim=0)
+        if self.images_seen is not None:
+            self.images_seen = self.images_seen.repeat_interleave(repeats, dim=0)
+        self.keys_values.clear()
+
+
+def hidden_size(config) -> int:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over labels != -100 (the HF causal-LM loss)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+    )
+
+
+class Flamingo(nn.Module):
+    def __init__(
+        self, config: FlamingoConfig, vision_encoder: VisionEncoder, language_model: nn.Module, tokenizer
+    ):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.special_ids = add_special_tokens(tokenizer)
+        self.vision_encoder = vision_encoder
+        self.perceiver = PerceiverResampler(vision_encoder.dim, config.perceiver)
+        self.language_model = language_model
+        self.decoder_layers_path, layers = find_decoder_layers(language_model, config.decoder_layers_path)
+        every = config.cross_attention.every_n_layers
+        lm_dim = hidden_size(language_model.config)
+        self.cross_attn_blocks = nn.ModuleDict(
+            {
+                str(i): GatedCrossAttentionBlock(lm_dim, vision_encoder.dim, config.cross_attention)
+                for i in range(len(layers))
+                if (i + 1) % every == 0
+            }
+        )
+        if not self.cross_attn_blocks:
+            raise ValueError(
+                f"cross_attention.every_n_layers={every} leaves no block in a {len(layers)}-layer LM"
+            )
+        self.added_tokens = AddedTokenEmbeddings(language_model, self.special_ids)
+        self.vocab_size = self.special_ids.first_added + self.special_ids.num_added
+
+        language_model.requires_grad_(config.train_language_model)
+        vision_encoder.requires_grad_(config.train_vision_encoder)
+        self._lm_takes_position_ids = forward_accepts(language_model, "position_ids")
+        self._media: MediaContext | None = None
+        language_model.register_forward_pre_hook(self._prepare_lm_call, with_kwargs=True)
+        language_model.get_output_embeddings().register_forward_hook(self._append_added_logits)
+        for i in self.cross_attn_blocks:
+            layers[int(i)].register_forward_pre_hook(partial(self._cross_attend, int(i)), with_kwargs=True)
+
+    # ----- hooks on the language model -------------------------------------------------------------------------
+    def _prepare_lm_call(self, lm, args, kwargs):
+        """Embed Flamingo's own tokens and, with media, work out which image each token of this call sees."""
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is None:
+            if self._media is not None:
+                raise ValueError("Flamingo needs input_ids (not inputs_embeds) to place images")
+            return None
+        if self._media is not None:
+            self._place_tokens(self._media, input_ids, cache_length(kwargs))
+        kwargs["inputs_embeds"] = self.added_tokens.embed(lm.get_input_embeddings(), input_ids)
+        kwargs["input_ids"] = None
+        if args:  # input_ids was positional: keep the other positional arguments where they were
+            args = (None, *args[1:])
+        return args, kwargs
+
+    def _place_tokens(self, ctx: MediaContext, input_ids: torch.Tensor, num_cached: int) -> None:
+        ctx.match_batch(input_ids.shape[0])
+        is_media = input_ids == self.special_ids.media
+        if ctx.prompt_length is not None:
+            # Generated tokens keep attending to the prompt's last image, as OpenFlamingo does, even a generated
+            # <image>: cached and uncached decoding then agree.
+            is_media[:, max(ctx.prompt_length - num_cached, 0) :] = False
+        before = ctx.images_seen[:, None] if num_cached > 0 else 0
+        ctx.text_time = before + is_media.cumsum(-1)
+        ctx.images_seen = ctx.text_time[:, -1]
+        if int(ctx.text_time.max()) > ctx.visual_tokens.shape[1]:
+            raise ValueError(
+                f"input has more <image> tokens than images ({ctx.visual_tokens.shape[1]} per sample)"
+            )
+
+    def _cross_attend(self, index: int, layer, args, kwargs):
+        ctx = self._media
+        if ctx is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        block = self.cross_attn_blocks[str(index)]
+        if index not in ctx.keys_values:
+            ctx.keys_values[index] = block.attn.media_keys_values(ctx.visual_tokens.to(hidden.dtype))
+        keys, values = ctx.keys_values[index]
+        hidden = block(hidden, keys, values, ctx.text_time, ctx.visual_tokens.shape[2])
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def _append_added_logits(self, lm_head, inputs, logits):
+        return self.added_tokens.logits(inputs[0], logits)
+
+    # ----- public API ---------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Flamingo:
+        """Frozen backbones stay in eval mode: no dropout noise, no BatchNorm statistics drifting (EfficientNet)."""
+        super().train(mode)
+        if not self.config.train_language_model:
+            self.language_model.eval()
+        if not self.config.train_vision_encoder:
+            self.vision_encoder.eval()
+        return self
+
+    def save_pretrained(self, directory, include_backbones: bool = False, overwrite: bool = False):
+        """config.json + model.safetensors (+ tokenizer); see openflamingo.model.checkpoint."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, include_backbones=include_backbones, overwrite=overwrite)
+
+    @contextmanager
+    def media(self, visual_tokens: torch.Tensor, prompt_length: int | None = None) -> Iterator[MediaContext]:
+        """Condition every language-model call inside the block on `visual_tokens` (B, T_img, n, D_vis)."""
+        if self._media is not None:
+            raise RuntimeError("Flamingo.media() contexts cannot be nested")
+        self._media = MediaContext(visual_tokens, prompt_length)
+        try:
+            yield self._media
+        finally:
+            self._media = None
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, T_img, F, C, H, W) -> visual tokens (B, T_img, num_latents, D_vis)."""
+        B, T, num_frames = images.shape[:3]
+        tokens = self.vision_encoder(images.flatten(0, 2))
+        return self.perceiver(tokens.unflatten(0, (B, T, num_frames)))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_images: torch.Tensor | Sequence[int] | None = None,
+    ) -> FlamingoOutput:
+        self.check_inputs(input_ids, images, attention_mask, num_images)
+        lm_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        lm_kwargs.update(self._position_ids(attention_mask))
+        if images is None:
+            logits = self.language_model(**lm_kwargs).logits
+        else:
+            with self.media(self.encode_images(images)):
+                logits = self.language_model(**lm_kwargs).logits
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return FlamingoOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        num_images: torch.Tensor | Sequence[int] | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """HF `generate` (greedy, beam search, sampling, ...) conditioned on the images; stops at <|endofchunk|>.
+
+        Prompts are left-padded; returns the prompt followed by the new tokens, like HF generate.
+        """
+        self.check_inputs(input_ids, images, attention_mask, num_images)
+        generate_kwargs.setdefault("eos_token_id", self.special_ids.end_of_chunk)
+        generate_kwargs.setdefault("pad_token_id", self.special_ids.pad)
+        lm_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
+        with self._config_vocab_includes_added_tokens():
+            if images is None:
+                return self.language_model.generate(**lm_kwargs)
+            with self.media(self.encode_images(images), prompt_length=input_ids.shape[1]):
+                return self.language_model.generate(**lm_kwargs)
+
+    @contextmanager
+    def _config_vocab_includes_added_tokens(self) -> Iterator[None]:
+        # transformers 4.x beam search reshapes scores with config.vocab_size; ours are wider by the added tokens.
+        text_config = self.language_model.config.get_text_config()
+        base = text_config.vocab_size
+        text_config.vocab_size = self.vocab_size
+        try:
+            yield
+        finally:
+            text_config.vocab_size = base
+
+    def _position_ids(self, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        # Only left padding needs explicit positions; right-padded batches keep the LM's own arange.
+        if attention_mask is None or not self._lm_takes_position_ids or bool(attention_mask[:, 0].all()):
+            return {}
+        return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+    def check_inputs(self, input_ids, images, attention_mask, num_images) -> None:
+        """Clear errors for inputs that would otherwise fail deep inside or silently ignore images."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be an integer tensor (B, L); got {_describe(input_ids)}")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {self.vocab_size}); got [{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        media_counts = (input_ids == self.special_ids.media).sum(1)
+        if images is None:
+            if int(media_counts.max()) > 0:
+                raise ValueError("input_ids contain <image> tokens but no images were given")
+            return
+        if not isinstance(images, torch.Tensor) or images.ndim != 6 or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor (B, T_img, F, C, H, W); got {_describe(images)}")
+        B, T = images.shape[:2]
+        if B != input_ids.shape[0] or images.shape[3] != 3:
+            raise ValueError(
+                f"images shape {tuple(images.shape)} does not fit input_ids {tuple(input_ids.shape)}: "
+                "need B equal and C = 3"
+            )
+        expected = torch.full((B,), T) if num_images is None else torch.as_tensor(num_images).reshape(-1)
+        if expected.shape[0] != B or int(expected.max()) > T or int(expected.min()) < 0:
+            raise ValueError(
+                f"num_images must hold B={B} counts between 0 and T_img={T}; got {expected.tolist()}"
+            )
+        for b in range(B):
+            have, want = int(media_counts[b]), int(expected[b])
+            if have > want:
+                raise ValueError(f"sample {b} has {have} <image> tokens but only {want} images")
+            if have < want:
+                raise ValueError(
+                    f"sample {b} has {have} <image> tokens for {want} images, so images {have + 1}..{want} would be "
+                    "ignored; pass num_images=[...] when the image tensor is padded"
+                )
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

@@ -1,0 +1,38 @@
+"""From prompts and PIL images to the tensors Flamingo.forward / generate take."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+
+def prepare_inputs(
+    model, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]], padding_side: str = "left"
+) -> dict[str, torch.Tensor]:
+    """Tokenize `prompts` (with `<image>` where each image goes) and preprocess each sample's images.
+
+    Samples with fewer images are padded with zero images and `num_images` records the real counts. Left padding
+    suits generation; use "right" for training-style batches.
+    """
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+    tokenizer = model.tokenizer
+    previous_side, tokenizer.padding_side = tokenizer.padding_side, padding_side
+    try:
+        encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = previous_side
+    size = model.vision_encoder.image_size
+    max_images = max((len(sample) for sample in images), default=0)
+    pixels = torch.zeros(len(prompts), max(max_images, 1), 1, 3, size, size)
+    for b, sample in enumerate(images):
+        if sample:
+            pixels[b, : len(sample), 0] = model.vision_encoder.preprocess(list(sample))
+    return {
+        "input_ids": encoded.input_ids,
+        "attention_mask": encoded.attention_mask,
+        "images": pixels if max_images else None,
+        "num_images": torch.tensor([len(sample) for sample in images]),
+    }

@@ -1,0 +1,177 @@
+"""Attaching Flamingo to a Hugging Face causal LM without changing its class or its modules.
+
+Three things are needed from the LM, all through public APIs: its decoder layers (to run a gated cross-attention
+block on the hidden states entering some of them, via forward pre-hooks), its input embeddings (to give the new
+special tokens their own trainable rows) and its output embeddings (to append their logits).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MEDIA_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
+
+# Where common HF causal LMs keep their decoder layers; tried in order before a generic search.
+DECODER_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi, ...
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, GPT-J, Falcon
+    "gpt_neox.layers",  # GPT-NeoX, Pythia, RedPajama
+    "transformer.blocks",  # MPT
+    "model.language_model.layers",
+    "transformer.layers",
+)
+
+
+def num_hidden_layers(config) -> int | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _get_path(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def find_decoder_layers(lm: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The LM's ModuleList of decoder blocks and its attribute path."""
+    if path is not None:
+        layers = _get_path(lm, path)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"decoder_layers_path={path!r} does not name an nn.ModuleList on {type(lm).__name__}"
+            )
+        return path, layers
+    expected = num_hidden_layers(lm.config)
+    for candidate in DECODER_LAYER_PATHS:
+        layers = _get_path(lm, candidate)
+        if isinstance(layers, nn.ModuleList) and (expected is None or len(layers) == expected):
+            return candidate, layers
+    # Generic fallback: a ModuleList of identical blocks, one per layer of the config.
+    for name, module in lm.named_modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and len(module) == expected
+            and len({type(m) for m in module}) == 1
+        ):
+            return name, module
+    raise ValueError(
+        f"cannot find the decoder layers of {type(lm).__name__}: tried {', '.join(DECODER_LAYER_PATHS)} and a search "
+        f"for an nn.ModuleList of {expected} identical blocks; name them with decoder_layers_path='attr.path'"
+    )
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    media: int
+    end_of_chunk: int
+    pad: int
+    first_added: int  # ids >= first_added are Flamingo's own tokens, embedded by AddedTokenEmbeddings
+    num_added: int
+
+
+def add_special_tokens(tokenizer) -> SpecialTokenIds:
+    """Add `<|endofchunk|>`, `<image>` (and `<PAD>` if the tokenizer has no pad token), as OpenFlamingo does.
+
+    Idempotent: a tokenizer that already holds them (e.g. one saved with a checkpoint) is validated instead.
+    """
+    vocab = tokenizer.get_vocab()
+    if MEDIA_TOKEN not in vocab or END_OF_CHUNK_TOKEN not in vocab:
+        tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK_TOKEN, MEDIA_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    media = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
+    end_of_chunk = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
+    pad = tokenizer.pad_token_id
+    added = {media, end_of_chunk} | ({pad} if tokenizer.pad_token == PAD_TOKEN else set())
+    first_added = min(added)
+    if added != set(range(first_added, len(tokenizer))):
+        raise ValueError(
+            f"tokenizer special tokens {END_OF_CHUNK_TOKEN}={end_of_chunk}, {MEDIA_TOKEN}={media}, pad={pad} must be the "
+            f"last ids of its vocabulary (size {len(tokenizer)}); add them to a tokenizer that has no other added tokens"
+        )
+    return SpecialTokenIds(media, end_of_chunk, pad, first_added, len(added))
+
+
+def check_special_tokens(tokenizer, ids: SpecialTokenIds) -> None:
+    vocab = tokenizer.get_vocab()
+    found = {t: vocab.get(t) for t in (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)}
+    if found[MEDIA_TOKEN] != ids.media or found[END_OF_CHUNK_TOKEN] != ids.end_of_chunk:
+        raise ValueError(
+            f"tokenizer has {found} but the model expects {MEDIA_TOKEN}={ids.media}, {END_OF_CHUNK_TOKEN}={ids.end_of_chunk}; "
+            "use the tokenizer saved with the model or call openflamingo.add_special_tokens on a fresh one"
+        )
+
+
+class AddedTokenEmbeddings(nn.Module):
+    """Embeddings of Flamingo's own tokens, separate from the frozen LM matrices (no vocab-sized gradients).
+
+    `input` rows replace the LM's input embedding for ids >= first_added; `output` rows give those ids' logits.
+    With tied LM embeddings the output side reuses the input rows, as a resized tied LM would.
+    """
+
+    def __init__(self, lm: nn.Module, ids: SpecialTokenIds):
+        super().__init__()
+        self.first_added = ids.first_added
+        base_in = lm.get_input_embeddings().weight
+        base_out = lm.get_output_embeddings()
+        if ids.first_added > base_in.shape[0]:
+            raise ValueError(
+                f"tokenizer has {ids.first_added} base tokens but the LM embeds only {base_in.shape[0]}; wrong tokenizer?"
+            )
+        # HF's mean-resizing: new rows start at the mean of the existing ones, keeping logits in range.
+        with torch.no_grad():
+            self.input = nn.Parameter(base_in[: ids.first_added].mean(0).repeat(ids.num_added, 1).float())
+            self.tied = base_out is not None and base_out.weight is base_in
+            if self.tied:
+                self.output = None
+            else:
+                self.output = nn.Parameter(
+                    base_out.weight[: ids.first_added].mean(0).repeat(ids.num_added, 1).float()
+                )
+            has_bias = getattr(base_out, "bias", None) is not None
+            self.output_bias = nn.Parameter(torch.zeros(ids.num_added)) if has_bias else None
+
+    def embed(self, base: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        added = input_ids >= self.first_added
+        base_embeds = base(input_ids.clamp(max=self.first_added - 1))
+        extra = self.input.to(base_embeds.dtype)[(input_ids - self.first_added).clamp(min=0)]
+        return torch.where(added[..., None], extra, base_embeds)
+
+    def logits(self, hidden: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+        weight = self.input if self.tied else self.output
+        extra = hidden @ weight.to(hidden.dtype).T
+        if self.output_bias is not None:
+            extra = extra + self.output_bias.to(hidden.dtype)
+        return torch.cat([base_logits[..., : self.first_added], extra.to(base_logits.dtype)], dim=-1)
+
+
+def forward_accepts(lm: nn.Module, name: str) -> bool:
+    return name in inspect.signature(lm.forward).parameters
+
+
+def cache_length(kwargs: dict) -> int:
+    """Tokens already in the KV cache of an LM call (the cache kwarg is `past_key_values` or, in newer
+    transformers, `cache`; legacy caches are tuples of per-layer (k, v))."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and len(cache) > 0 and cache[0] is not None:
+        return int(cache[0][0].shape[-2])
+    return 0

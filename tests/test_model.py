@@ -1,0 +1,167 @@
+"""Flamingo over every supported LM family: forward, loss, masking, generation and bad-input errors."""
+
+import pytest
+import torch
+from tiny import FAMILIES, lm_config
+from transformers import AutoTokenizer
+
+from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
+from openflamingo.model.cross_attention import MaskedCrossAttention
+
+TINY_CLIP = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=16,
+)
+
+
+def tiny_config(tokenizer_dir, family="llama", **cross_attention) -> FlamingoConfig:
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return FlamingoConfig(
+        language_model_config=lm_config(family, tokenizer),
+        tokenizer=str(tokenizer_dir),
+        vision=VisionConfig("hf_clip", config=TINY_CLIP),
+        perceiver=PerceiverConfig(depth=2, num_latents=4, heads=2, dim_head=8, max_num_frames=2),
+        cross_attention=CrossAttentionConfig(
+            **{"every_n_layers": 2, "heads": 2, "dim_head": 8, "gate_init": 0.5, **cross_attention}
+        ),
+    )
+
+
+def batch(model, texts, num_images, frames=1, seed=0):
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(len(texts), max(num_images), frames, 3, 32, 32, generator=generator)
+    return dict(
+        input_ids=encoded.input_ids,
+        attention_mask=encoded.attention_mask,
+        images=images,
+        num_images=num_images,
+    )
+
+
+TEXTS = ["<image>a red cat sits<|endofchunk|><image>a dog", "question <image>the sky"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_trains_and_generates_identically_with_and_without_cache(tokenizer_dir, family):
+    model = build_flamingo(tiny_config(tokenizer_dir, family), seed=0)
+    inputs = batch(model, TEXTS, [2, 1])
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert out.logits.shape == (*inputs["input_ids"].shape, model.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        n.startswith(("perceiver.", "cross_attn_blocks.", "added_tokens.")) for n in trainable
+    )
+    assert all(model.get_parameter(n).grad is not None for n in trainable if "gate" in n)
+
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    cached = model.generate(**inputs, **greedy)
+    uncached = model.generate(**inputs, **greedy, use_cache=False)
+    assert torch.equal(cached, uncached)
+    beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 4
+    torch.manual_seed(0)
+    sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=5, num_return_sequences=3)
+    assert sampled.shape[0] == 6
+
+
+def test_fresh_model_computes_exactly_the_frozen_lm(tokenizer_dir):
+    model = build_flamingo(tiny_config(tokenizer_dir, gate_init=0.0), seed=0).eval()
+    inputs = batch(model, ["a cat <image>sits on a mat"], [1])
+    inputs["attention_mask"] = None
+    flamingo_logits = model(**inputs).logits
+    plain_ids = inputs["input_ids"].clamp(max=model.special_ids.first_added - 1)
+    lm_logits = model.language_model(input_ids=plain_ids).logits
+    first_image = int((inputs["input_ids"][0] == model.special_ids.media).nonzero()[0])
+    n = model.special_ids.first_added
+    assert torch.equal(flamingo_logits[0, :first_image, :n], lm_logits[0, :first_image, :n])
+
+
+def test_tokens_before_the_first_image_ignore_the_images(tokenizer_dir):
+    model = build_flamingo(tiny_config(tokenizer_dir), seed=0).eval()
+    inputs = batch(model, ["some text first <image>a cat"], [1])
+    first_image = int((inputs["input_ids"][0] == model.special_ids.media).nonzero()[0])
+    logits_a = model(**inputs).logits
+    logits_b = model(**{**inputs, "images": torch.randn_like(inputs["images"])}).logits
+    assert torch.equal(logits_a[0, :first_image], logits_b[0, :first_image])
+    assert not torch.allclose(logits_a[0, first_image:], logits_b[0, first_image:])
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_text_attends_to_its_own_image_or_all_previous(immediate):
+    torch.manual_seed(0)
+    attn = MaskedCrossAttention(dim=8, dim_visual=6, heads=2, dim_head=4)
+    text_time = torch.tensor([[0, 1, 1, 2, 2]])  # token 0 before any image, tokens 3-4 after the second
+    media = torch.randn(1, 2, 3, 6)
+    x = torch.randn(1, 5, 8)
+
+    def run(media):
+        keys, values = attn.media_keys_values(media)
+        return attn(x, keys, values, text_time, 3, immediate)
+
+    changed_first = media.clone()
+    changed_first[:, 0] += 1
+    out, out_changed = run(media), run(changed_first)
+    assert torch.equal(out[0, 0], attn.to_out(torch.zeros(8)))  # no image yet: zero attention output
+    assert not torch.allclose(out[0, 1:3], out_changed[0, 1:3])
+    assert torch.equal(out[0, 3:], out_changed[0, 3:]) == immediate
+
+
+def test_video_frames_need_frame_embeddings(tokenizer_dir):
+    model = build_flamingo(tiny_config(tokenizer_dir), seed=0)
+    inputs = batch(model, TEXTS, [2, 1], frames=2)
+    assert torch.isfinite(model(**inputs, labels=inputs["input_ids"]).loss)
+    with pytest.raises(ValueError, match="3 frames per image but the perceiver supports 2"):
+        model(**batch(model, TEXTS, [2, 1], frames=3))
+
+
+def test_bad_inputs_are_clear_errors(tokenizer_dir):
+    model = build_flamingo(tiny_config(tokenizer_dir), seed=0)
+    inputs = batch(model, TEXTS, [2, 1])
+    with pytest.raises(ValueError, match="sample 1 has 1 <image> tokens for 2 images"):
+        model(**{**inputs, "num_images": None})
+    with pytest.raises(ValueError, match="sample 0 has 2 <image> tokens but only 1 images"):
+        model(**{**inputs, "num_images": [1, 1]})
+    with pytest.raises(ValueError, match=r"images must be a float tensor \(B, T_img, F, C, H, W\)"):
+        model(**{**inputs, "images": inputs["images"][:, :, 0]})
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
+        model(**{**inputs, "input_ids": inputs["input_ids"].float()})
+    with pytest.raises(ValueError, match="no images were given"):
+        model(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, "):
+        model(**{**inputs, "input_ids": inputs["input_ids"] + 10_000})
+
+
+def test_unknown_decoder_layout_names_the_paths_tried(tokenizer_dir):
+    from openflamingo.model.language import find_decoder_layers
+
+    lm = build_flamingo(tiny_config(tokenizer_dir), seed=0).language_model
+    lm.model.layers = torch.nn.Sequential(*lm.model.layers)  # no longer a ModuleList anywhere
+    with pytest.raises(ValueError, match="tried model.layers, model.decoder.layers.*decoder_layers_path="):
+        find_decoder_layers(lm)
+
+
+def test_image_keys_and_values_are_computed_once_per_generate(tokenizer_dir, monkeypatch):
+    model = build_flamingo(tiny_config(tokenizer_dir), seed=0)
+    calls = []
+    for block in model.cross_attn_blocks.values():
+        original = block.attn.media_keys_values
+        monkeypatch.setattr(
+            block.attn, "media_keys_values", lambda media, f=original: calls.append(1) or f(media)
+        )
+    model.generate(**batch(model, TEXTS, [2, 1]), max_new_tokens=5, min_new_tokens=5)
+    assert len(calls) == len(model.cross_attn_blocks)
+
+
+def test_training_mode_leaves_frozen_backbones_in_eval_mode(tokenizer_dir):
+    model = build_flamingo(tiny_config(tokenizer_dir), seed=0).train()
+    assert model.perceiver.training and model.cross_attn_blocks.training
+    assert not model.language_model.training and not model.vision_encoder.training
