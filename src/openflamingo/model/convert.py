@@ -201,7 +201,9 @@ def _transformers_renames(lm):
         (source, target)
         for transform in get_model_conversion_mapping(lm)
         if type(transform) is WeightRenaming
-        for source, target in zip(transform.source_patterns, transform.target_patterns, strict=True)
+        for i, source in enumerate(transform.source_patterns)
+        # several source patterns may share one target pattern
+        for target in [transform.target_patterns[min(i, len(transform.target_patterns) - 1)]]
     ]
 
     def rename(key: str) -> str:
