@@ -6,7 +6,7 @@ from tiny import FAMILIES, lm_config
 from transformers import AutoTokenizer
 
 from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
-from openflamingo.model.cross_attention import MaskedCrossAttention
+from openflamingo.model.cross_attention import MaskedCrossAttention, media_attention_mask
 
 TINY_CLIP = dict(
     hidden_size=16,
@@ -105,7 +105,7 @@ def test_text_attends_to_its_own_image_or_all_previous(immediate):
 
     def run(media):
         keys, values = attn.media_keys_values(media)
-        return attn(x, keys, values, text_time, 3, immediate)
+        return attn(x, keys, values, media_attention_mask(text_time, None, 2, 3, immediate))
 
     changed_first = media.clone()
     changed_first[:, 0] += 1
@@ -165,3 +165,40 @@ def test_training_mode_leaves_frozen_backbones_in_eval_mode(tokenizer_dir):
     model = build_flamingo(tiny_config(tokenizer_dir), seed=0).train()
     assert model.perceiver.training and model.cross_attn_blocks.training
     assert not model.language_model.training and not model.vision_encoder.training
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"mpt"}))
+@pytest.mark.parametrize("immediate", [True, False])
+def test_packed_documents_compute_what_they_compute_alone(tokenizer_dir, family, immediate):
+    model = build_flamingo(
+        tiny_config(tokenizer_dir, family, only_attend_immediate_media=immediate), seed=0
+    ).eval()
+    first = model.tokenizer("<image>a red cat<|endofchunk|><image>two dogs", return_tensors="pt").input_ids
+    second = model.tokenizer("question <image>the sky<|endofchunk|>", return_tensors="pt").input_ids
+    images_first, images_second = torch.randn(1, 2, 1, 3, 32, 32), torch.randn(1, 1, 1, 3, 32, 32)
+    alone_first = model(input_ids=first, images=images_first).logits[0]
+    alone_second = model(input_ids=second, images=images_second).logits[0]
+
+    padding = torch.full((1, 3), model.special_ids.pad)
+    packed_ids = torch.cat([first, second, padding], dim=1)
+    document_ids = torch.cat(
+        [torch.ones_like(first), torch.full_like(second, 2), torch.zeros_like(padding)], dim=1
+    )
+    packed = model(
+        input_ids=packed_ids,
+        images=torch.cat([images_first, images_second], dim=1),
+        num_images=[3],
+        document_ids=document_ids,
+        labels=packed_ids,
+    )
+    n1, n2 = first.shape[1], second.shape[1]
+    torch.testing.assert_close(packed.logits[0, :n1], alone_first, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.logits[0, n1 : n1 + n2], alone_second, atol=1e-5, rtol=0)
+    assert torch.isfinite(packed.loss)
+
+
+def test_packing_an_lm_without_position_ids_is_a_clear_error(tokenizer_dir):
+    model = build_flamingo(tiny_config(tokenizer_dir, "mpt"), seed=0)
+    inputs = batch(model, TEXTS, [2, 1])
+    with pytest.raises(ValueError, match="MptForCausalLM takes no position_ids, so packed documents cannot"):
+        model(**inputs, document_ids=inputs["attention_mask"])

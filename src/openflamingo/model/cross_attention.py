@@ -28,14 +28,26 @@ class CrossAttentionConfig:
     zero_init_output: bool = False
 
 
-def media_attention_mask(text_time: torch.Tensor, num_media: int, tokens_per_media: int, immediate: bool):
+def media_attention_mask(
+    text_time: torch.Tensor,
+    media_floor: torch.Tensor | None,
+    num_media: int,
+    tokens_per_media: int,
+    immediate: bool,
+) -> torch.Tensor:
     """Which visual tokens each text token may attend to: (B, 1, L, T*n) bool.
 
-    text_time[b, l] is the 1-based index of the most recent image at or before token l (0 = no image yet).
+    text_time[b, l] is the 1-based index of the most recent image at or before token l (0 = none yet);
+    media_floor[b, l] is the number of images that belong to earlier documents packed into the same row (None: 0).
     """
     media_time = torch.arange(1, num_media + 1, device=text_time.device).repeat_interleave(tokens_per_media)
-    op = torch.eq if immediate else torch.ge
-    return op(text_time[:, None, :, None], media_time[None, None, None, :])
+    text_time = text_time[:, None, :, None]
+    if immediate:
+        return text_time == media_time
+    allowed = media_time <= text_time
+    if media_floor is not None:
+        allowed &= media_time > media_floor[:, None, :, None]
+    return allowed
 
 
 class MaskedCrossAttention(nn.Module):
@@ -53,14 +65,12 @@ class MaskedCrossAttention(nn.Module):
         k, v = self.to_kv(media.flatten(1, 2)).chunk(2, dim=-1)
         return tuple(t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2) for t in (k, v))
 
-    def forward(self, x, keys, values, text_time, tokens_per_media: int, immediate: bool) -> torch.Tensor:
-        num_media = keys.shape[2] // tokens_per_media
+    def forward(self, x, keys, values, media_mask: torch.Tensor) -> torch.Tensor:
+        """media_mask (B, 1, L, T*n) from media_attention_mask."""
         q = self.to_q(self.norm(x)).unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
-        mask = media_attention_mask(text_time, num_media, tokens_per_media, immediate)
-        # Tokens before the first image see nothing: give them a harmless full row (a fully masked row makes NaNs)
-        # and zero their output exactly.
-        has_media = (text_time > 0)[:, None, :, None]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask | ~has_media)
+        # Tokens with no image to see get a harmless full row (a fully masked row makes NaNs), then exact zeros.
+        has_media = media_mask.any(dim=-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=media_mask | ~has_media)
         out = out * has_media
         return self.to_out(out.transpose(1, 2).flatten(-2))
 
@@ -72,12 +82,10 @@ class GatedCrossAttentionBlock(nn.Module):
         self.attn_gate = nn.Parameter(torch.tensor([cfg.gate_init]))
         self.ff = FeedForward(dim, cfg.ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([cfg.gate_init]))
-        self.only_attend_immediate_media = cfg.only_attend_immediate_media
         if cfg.zero_init_output:
             nn.init.zeros_(self.attn.to_out.weight)
             nn.init.zeros_(self.ff.fc2.weight)
 
-    def forward(self, x, keys, values, text_time, tokens_per_media: int) -> torch.Tensor:
-        attn = self.attn(x, keys, values, text_time, tokens_per_media, self.only_attend_immediate_media)
-        x = x + self.attn_gate.tanh() * attn
+    def forward(self, x, keys, values, media_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn_gate.tanh() * self.attn(x, keys, values, media_mask)
         return x + self.ff_gate.tanh() * self.ff(x)

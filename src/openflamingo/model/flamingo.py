@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FlamingoConfig
-from .cross_attention import GatedCrossAttentionBlock
+from .cross_attention import GatedCrossAttentionBlock, media_attention_mask
 from .language import (
     AddedTokenEmbeddings,
     add_special_tokens,
@@ -40,15 +40,14 @@ class MediaContext:
     """Visual tokens for one forward/generate call, and what the hooks derive from them along the way."""
 
     visual_tokens: torch.Tensor  # (B, T_img, n, D_vis)
-    prompt_length: int | None = (
-        None  # when generating: <image> tokens after the prompt do not start a new image
-    )
-    text_time: torch.Tensor | None = (
-        None  # (B, L) image index (1-based, 0 = none yet) of each token of this LM call
-    )
-    images_seen: torch.Tensor | None = (
-        None  # (B,) image index of the last token processed, for cached continuation
-    )
+    # When generating: <image> tokens after the prompt do not start a new image.
+    prompt_length: int | None = None
+    # Packed rows: 0 on padding, 1, 2, ... per document; each token sees only its own document's images.
+    document_ids: torch.Tensor | None = None
+    # Which visual tokens each token of the current LM call may attend to, (B, 1, L, T*n).
+    media_mask: torch.Tensor | None = None
+    # (B,) image index (1-based, 0 = none) of the last token processed, for cached continuation.
+    images_seen: torch.Tensor | None = None
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def match_batch(self, batch_size: int) -> None:
@@ -73,11 +72,46 @@ def hidden_size(config) -> int:
     raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy averaged over labels != -100 (the HF causal-LM loss)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-    )
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy averaged over labels != -100 (the HF causal-LM loss). In packed rows the last
+    token of a document does not predict the first token of the next one."""
+    targets = labels[:, 1:].to(logits.device)
+    if document_ids is not None:
+        targets = targets.masked_fill(document_ids[:, 1:] != document_ids[:, :-1], -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def _document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) position of the first token of each token's document."""
+    positions = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.where(starts, positions, 0).cummax(dim=-1).values
+
+
+def _restart_per_document(is_media, text_time, document_ids):
+    """Image indices for packed rows: a token sees only images of its own document (images of a row are its
+    documents' images in order). Returns (text_time with 0 before a document's first image, images of earlier
+    documents per token)."""
+    starts = _document_starts(document_ids)
+    media_floor = text_time.gather(1, starts) - is_media.gather(1, starts).long()
+    return torch.where(text_time > media_floor, text_time, 0), media_floor
+
+
+def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) additive mask: causal within each document, nothing across documents or from padding."""
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(
+        document_ids.shape[1], document_ids.shape[1], dtype=torch.bool, device=document_ids.device
+    ).tril()
+    allowed = same_document & causal & (document_ids[:, None, :] != 0)
+    allowed |= torch.eye(
+        document_ids.shape[1], dtype=torch.bool, device=document_ids.device
+    )  # padding sees itself
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class Flamingo(nn.Module):
@@ -140,13 +174,25 @@ class Flamingo(nn.Module):
             # Generated tokens keep attending to the prompt's last image, as OpenFlamingo does, even a generated
             # <image>: cached and uncached decoding then agree.
             is_media[:, max(ctx.prompt_length - num_cached, 0) :] = False
-        before = ctx.images_seen[:, None] if num_cached > 0 else 0
-        ctx.text_time = before + is_media.cumsum(-1)
-        ctx.images_seen = ctx.text_time[:, -1]
-        if int(ctx.text_time.max()) > ctx.visual_tokens.shape[1]:
+        if num_cached > 0 and ctx.images_seen is None:
             raise ValueError(
-                f"input has more <image> tokens than images ({ctx.visual_tokens.shape[1]} per sample)"
+                "a cached language-model call needs the uncached one inside the same media() block"
             )
+        text_time = is_media.cumsum(-1) + (ctx.images_seen[:, None] if num_cached > 0 else 0)
+        media_floor = None
+        if ctx.document_ids is not None:
+            text_time, media_floor = _restart_per_document(is_media, text_time, ctx.document_ids)
+        num_media, tokens_per_media = ctx.visual_tokens.shape[1:3]
+        if int(text_time.max()) > num_media:
+            raise ValueError(f"input has more <image> tokens than images ({num_media} per sample)")
+        ctx.images_seen = text_time[:, -1]
+        ctx.media_mask = media_attention_mask(
+            text_time,
+            media_floor,
+            num_media,
+            tokens_per_media,
+            self.config.cross_attention.only_attend_immediate_media,
+        )
 
     def _cross_attend(self, index: int, layer, args, kwargs):
         ctx = self._media
@@ -157,7 +203,7 @@ class Flamingo(nn.Module):
         if index not in ctx.keys_values:
             ctx.keys_values[index] = block.attn.media_keys_values(ctx.visual_tokens.to(hidden.dtype))
         keys, values = ctx.keys_values[index]
-        hidden = block(hidden, keys, values, ctx.text_time, ctx.visual_tokens.shape[2])
+        hidden = block(hidden, keys, values, ctx.media_mask)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -182,11 +228,16 @@ class Flamingo(nn.Module):
         return save_pretrained(self, directory, include_backbones=include_backbones, overwrite=overwrite)
 
     @contextmanager
-    def media(self, visual_tokens: torch.Tensor, prompt_length: int | None = None) -> Iterator[MediaContext]:
+    def media(
+        self,
+        visual_tokens: torch.Tensor,
+        prompt_length: int | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> Iterator[MediaContext]:
         """Condition every language-model call inside the block on `visual_tokens` (B, T_img, n, D_vis)."""
         if self._media is not None:
             raise RuntimeError("Flamingo.media() contexts cannot be nested")
-        self._media = MediaContext(visual_tokens, prompt_length)
+        self._media = MediaContext(visual_tokens, prompt_length, document_ids)
         try:
             yield self._media
         finally:
@@ -205,17 +256,40 @@ class Flamingo(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_images: torch.Tensor | Sequence[int] | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> FlamingoOutput:
+        """Logits (and the loss when `labels` are given). `document_ids` (B, L) marks packed rows: 0 on padding,
+        1, 2, ... per document; each document then sees only its own earlier tokens and its own images."""
         self.check_inputs(input_ids, images, attention_mask, num_images)
-        lm_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        lm_kwargs.update(self._position_ids(attention_mask))
+        lm_kwargs = {"input_ids": input_ids, "use_cache": False}
+        if document_ids is None:
+            lm_kwargs["attention_mask"] = attention_mask
+            lm_kwargs.update(self._position_ids(attention_mask))
+        else:
+            lm_kwargs.update(self._packed_lm_inputs(document_ids, input_ids))
         if images is None:
             logits = self.language_model(**lm_kwargs).logits
         else:
-            with self.media(self.encode_images(images)):
+            with self.media(self.encode_images(images), document_ids=document_ids):
                 logits = self.language_model(**lm_kwargs).logits
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = causal_lm_loss(logits, labels, document_ids) if labels is not None else None
         return FlamingoOutput(logits=logits, loss=loss)
+
+    def _packed_lm_inputs(
+        self, document_ids: torch.Tensor, input_ids: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        if tuple(document_ids.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"document_ids shape {tuple(document_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        if not self._lm_takes_position_ids:
+            raise ValueError(
+                f"{type(self.language_model).__name__} takes no position_ids, so packed documents cannot restart "
+                "their positions; use padded batches"
+            )
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) - _document_starts(document_ids)
+        dtype = self.language_model.get_input_embeddings().weight.dtype
+        return {"attention_mask": packed_attention_mask(document_ids, dtype), "position_ids": positions}
 
     @torch.no_grad()
     def generate(
