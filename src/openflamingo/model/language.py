@@ -107,16 +107,6 @@ def add_special_tokens(tokenizer) -> SpecialTokenIds:
     return SpecialTokenIds(media, end_of_chunk, pad, first_added, len(added))
 
 
-def check_special_tokens(tokenizer, ids: SpecialTokenIds) -> None:
-    vocab = tokenizer.get_vocab()
-    found = {t: vocab.get(t) for t in (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)}
-    if found[MEDIA_TOKEN] != ids.media or found[END_OF_CHUNK_TOKEN] != ids.end_of_chunk:
-        raise ValueError(
-            f"tokenizer has {found} but the model expects {MEDIA_TOKEN}={ids.media}, {END_OF_CHUNK_TOKEN}={ids.end_of_chunk}; "
-            "use the tokenizer saved with the model or call openflamingo.add_special_tokens on a fresh one"
-        )
-
-
 class AddedTokenEmbeddings(nn.Module):
     """Embeddings of Flamingo's own tokens, separate from the frozen LM matrices (no vocab-sized gradients).
 
