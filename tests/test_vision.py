@@ -24,6 +24,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from openflamingo.model.open_clip import convert_open_clip_vision_state_dict, load_open_clip_visual_state_dict
 from openflamingo.model.vision import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -31,8 +32,6 @@ from openflamingo.model.vision import (
     VisionConfig,
     build_vision_encoder,
     clip_preprocess,
-    convert_open_clip_vision_state_dict,
-    load_open_clip_visual_state_dict,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vision"

@@ -21,8 +21,8 @@ import torch
 
 from .cross_attention import CrossAttentionConfig
 from .flamingo import Flamingo
+from .open_clip import convert_open_clip_vision_state_dict
 from .perceiver import PerceiverConfig
-from .vision import convert_open_clip_vision_state_dict
 
 # OpenFlamingo's nn.Sequential indices -> our module names
 _PERCEIVER_LAYER = {"0": "attn", "1.0": "ff.norm", "1.1": "ff.fc1", "1.3": "ff.fc2"}

@@ -25,6 +25,7 @@ from .language import (
     find_decoder_layers,
     forward_accepts,
 )
+from .packing import document_starts, packed_attention_mask, restart_per_document
 from .perceiver import PerceiverResampler
 from .vision import VisionEncoder
 
@@ -81,37 +82,6 @@ def causal_lm_loss(
     if document_ids is not None:
         targets = targets.masked_fill(document_ids[:, 1:] != document_ids[:, :-1], -100)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-
-def _document_starts(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) position of the first token of each token's document."""
-    positions = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    return torch.where(starts, positions, 0).cummax(dim=-1).values
-
-
-def _restart_per_document(is_media, text_time, document_ids):
-    """Image indices for packed rows: a token sees only images of its own document (images of a row are its
-    documents' images in order). Returns (text_time with 0 before a document's first image, images of earlier
-    documents per token)."""
-    starts = _document_starts(document_ids)
-    media_floor = text_time.gather(1, starts) - is_media.gather(1, starts).long()
-    return torch.where(text_time > media_floor, text_time, 0), media_floor
-
-
-def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, L, L) additive mask: causal within each document, nothing across documents or from padding."""
-    same_document = document_ids[:, :, None] == document_ids[:, None, :]
-    causal = torch.ones(
-        document_ids.shape[1], document_ids.shape[1], dtype=torch.bool, device=document_ids.device
-    ).tril()
-    allowed = same_document & causal & (document_ids[:, None, :] != 0)
-    allowed |= torch.eye(
-        document_ids.shape[1], dtype=torch.bool, device=document_ids.device
-    )  # padding sees itself
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class Flamingo(nn.Module):
@@ -181,7 +151,7 @@ class Flamingo(nn.Module):
         text_time = is_media.cumsum(-1) + (ctx.images_seen[:, None] if num_cached > 0 else 0)
         media_floor = None
         if ctx.document_ids is not None:
-            text_time, media_floor = _restart_per_document(is_media, text_time, ctx.document_ids)
+            text_time, media_floor = restart_per_document(is_media, text_time, ctx.document_ids)
         num_media, tokens_per_media = ctx.visual_tokens.shape[1:3]
         if int(text_time.max()) > num_media:
             raise ValueError(f"input has more <image> tokens than images ({num_media} per sample)")
@@ -287,7 +257,7 @@ class Flamingo(nn.Module):
                 f"{type(self.language_model).__name__} takes no position_ids, so packed documents cannot restart "
                 "their positions; use padded batches"
             )
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device) - _document_starts(document_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) - document_starts(document_ids)
         dtype = self.language_model.get_input_embeddings().weight.dtype
         return {"attention_mask": packed_attention_mask(document_ids, dtype), "position_ids": positions}
 
