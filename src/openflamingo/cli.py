@@ -1,4 +1,4 @@
-"""The `openflamingo` command: convert | generate (train, eval and data arrive with their issues)."""
+"""The `openflamingo` command: convert | generate | data (train and eval register the same way)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
     gen.set_defaults(run=generate)
+
+    from .data.cli import register as register_data
+
+    register_data(commands)
     return parser
 
 

@@ -1,0 +1,148 @@
+"""easy-VQA (PyPI `easy-vqa==1.0`, MIT: 64x64 images of one coloured shape, yes/no, shape and colour questions).
+
+Three layouts:
+- `pairs`: one caption per image ("a blue rectangle"), read off that image's question-answer pairs;
+- `vqa`: one document per question, `<image>Question: q Short answer: a`, only the answer trained;
+- `fewshot`: documents of `shots` image/question/answer triples on different images, so in-context use is trained
+  (a model trained on single questions does worse with demonstrations than without).
+`easy_vqa_shards()` builds cached shards once, for the trainer's first run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..samples import ImageItem, ImageTextPair, InterleavedDocument
+from .annotations import VQA_PROMPT, vqa_items
+from .common import ConversionReport, image_file, write_samples
+
+LAYOUTS = ("pairs", "vqa", "fewshot")
+SHAPES = ("circle", "rectangle", "triangle")
+NEGATIONS = ("not", "no")
+
+
+def _load(split: str):
+    try:
+        import easy_vqa
+    except ImportError:
+        raise ImportError("easy-VQA data needs its package: pip install easy-vqa==1.0") from None
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise ValueError(f"easy-VQA split must be 'train' or 'test', got {split!r}")
+    colours = sorted(set(easy_vqa.get_answers()) - set(SHAPES) - {"yes", "no"})
+    return list(zip(questions, answers, image_ids, strict=True)), paths, colours
+
+
+def caption_from_questions(qas: list[tuple[str, str]], colours: list[str]) -> str:
+    """The shape and colour that the image's answers reveal, e.g. "a blue rectangle"."""
+    found: dict[str, str] = {}
+    for question, answer in qas:
+        words = question.rstrip("?").split()
+        # A what-question presupposes what it names ("what color is the triangle?"); a yes/no question affirms its
+        # shape or colour when the answer and the negation agree ("is there not a red shape?" - "no").
+        affirmed = answer not in ("yes", "no") or (answer == "yes") != any(w in NEGATIONS for w in words)
+        for word in [*words, answer] if affirmed else []:
+            if word in SHAPES:
+                found["shape"] = word
+            elif word in colours:
+                found["colour"] = word
+    return " ".join(["a", found.get("colour", ""), found.get("shape", "shape")]).replace("  ", " ")
+
+
+def easy_vqa_samples(
+    layout: str,
+    report: ConversionReport,
+    split: str = "train",
+    shots: int = 4,
+    seed: int = 0,
+    prompt: str = VQA_PROMPT,
+) -> Iterator:
+    if layout not in LAYOUTS:
+        raise ValueError(f"easy-VQA layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    records, paths, colours = _load(split)
+    images: dict[int, ImageItem] = {}
+
+    def image(image_id: int) -> ImageItem:
+        if image_id not in images:
+            images[image_id] = image_file(Path(paths[image_id]).parent, Path(paths[image_id]).name)
+        return images[image_id]
+
+    if layout == "pairs":
+        per_image: dict[int, list[tuple[str, str]]] = {}
+        for question, answer, image_id in records:
+            per_image.setdefault(image_id, []).append((question, answer))
+        for image_id in sorted(per_image):
+            caption = caption_from_questions(per_image[image_id], colours)
+            yield ImageTextPair(f"{image_id:06d}", image(image_id), caption, {"image_id": image_id})
+        return
+    if layout == "vqa":
+        for index, (question, answer, image_id) in enumerate(records):
+            metadata = {"image_id": image_id, "answer": answer}
+            yield InterleavedDocument(
+                f"{index:07d}", vqa_items(image(image_id), question, answer, prompt), metadata
+            )
+        return
+    if shots < 1:
+        raise ValueError(f"fewshot documents need shots >= 1, got {shots}")
+    # Deterministic shuffle, then consecutive groups of questions on distinct images.
+    order = np.random.default_rng(seed).permutation(len(records))
+    group: list[int] = []
+    documents = 0
+    for index in order:
+        if any(records[i][2] == records[index][2] for i in group):
+            continue  # one question per image within a document (a repeat would be answered by copying)
+        group.append(int(index))
+        if len(group) == shots:
+            items = [
+                item
+                for i in group
+                for item in vqa_items(image(records[i][2]), records[i][0], records[i][1], prompt)
+            ]
+            yield InterleavedDocument(f"{documents:07d}", items, {"questions": group})
+            documents += 1
+            group = []
+
+
+def easy_vqa_shards(
+    directory: str | Path,
+    layout: str = "vqa",
+    split: str = "train",
+    shots: int = 4,
+    seed: int = 0,
+    samples_per_shard: int = 2000,
+) -> list[str]:
+    """Shards of easy-VQA under `directory/easy-vqa-{split}-{layout}[-{shots}shot]`, built once and then reused.
+
+    The folder appears only complete (built under a temporary name, then renamed), so an interrupted first run
+    never leaves half a data set behind. Returns the shard paths.
+    """
+    name = f"easy-vqa-{split}-{layout}" + (f"-{shots}shot" if layout == "fewshot" else "")
+    target = Path(directory) / name
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+        try:
+            report = ConversionReport()
+            write_samples(
+                easy_vqa_samples(layout, report, split, shots, seed), tmp, report, samples_per_shard
+            )
+            tmp.chmod(0o755)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():
+                    raise  # another process (a second rank) finished first otherwise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(str(path) for path in target.glob("*.tar"))

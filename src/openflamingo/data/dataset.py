@@ -1,0 +1,337 @@
+"""The per-worker sample stream: shards -> parsed samples -> shuffle buffer -> decoded, tokenized -> batches.
+
+Everything one worker does is a deterministic function of (seed, epoch, rank, worker) and its saved state, so the
+state after any batch is small and exact:
+- `epoch`, `shard` (position in this worker's shard list for that epoch) and `offset` (byte offset of the next
+  sample in that shard);
+- the shuffle buffer and the samples waiting to be batched (packing pool), as references (shard, byte offset):
+  on restore they are read again (one seek each on local files) instead of being stored in the checkpoint;
+- the shuffle RNG's state, and the counters of good, truncated and bad samples.
+Shard order per epoch: a permutation of all shards seeded by (seed, epoch), then rank r takes every world_size-th
+shard from r, and worker w of that rank every num_workers-th from w.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .batching import Batcher, PackingConfig, PreparedSample
+from .images import ImageLimits, decode_image
+from .samples import UNDECODABLE_IMAGE, BadSample, Sample, sample_from_members
+from .shards import check_local_shards, expand_shards, read_samples_at, read_shard
+from .text import FormatConfig, SampleFormatter
+
+logger = logging.getLogger(__name__)
+STATE_VERSION = 1
+WARN_FIRST_BAD = 20  # per worker: the first bad samples are warnings, the rest debug lines (counts are kept)
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+
+
+class BadDataError(ValueError):
+    """Too many bad samples in one shard."""
+
+
+@dataclass
+class DatasetConfig:
+    shards: str | list[str]  # paths, brace patterns, directories of *.tar, `pipe:` commands
+    batch_size: int  # samples per batch, or rows per batch when packing
+    format: FormatConfig = field(default_factory=FormatConfig)
+    packing: PackingConfig | None = None  # None: padded batches, one sample per row
+    images: ImageLimits = field(default_factory=ImageLimits)
+    shuffle_buffer: int = 1000  # samples; 1 keeps shard order
+    shuffle_shards: bool = True
+    epochs: int | None = None  # None repeats forever, each epoch with its own shard order
+    seed: int = 0
+    max_bad_fraction: float | None = 0.1  # per shard; None never stops
+    # Used by the loaders (loader.py), not by the stream itself:
+    num_workers: int = 1  # worker processes; 0 reads in the main process
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    loss_weight: float = 1.0  # for mixtures: how much this dataset's loss counts
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetConfig:
+        """From plain values (a TOML table): `format`, `images` and `packing` may be nested tables."""
+        data = dict(data)
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"dataset config: unknown fields {unknown}")
+        for name, kind in (("format", FormatConfig), ("images", ImageLimits), ("packing", PackingConfig)):
+            if isinstance(data.get(name), dict):
+                data[name] = kind(**data[name])
+        return cls(**data)
+
+
+class ShardStream(IterableDataset):
+    """An IterableDataset of batches (dicts for `model(**batch)`), with exact `state_dict()`/`load_state_dict()`.
+
+    Meant for torchdata's StatefulDataLoader with `batch_size=None` (see loader.py), which calls these in each
+    worker after every batch; the state also carries the worker's counts of good, truncated and bad samples.
+    """
+
+    def __init__(
+        self,
+        config: DatasetConfig,
+        tokenizer,
+        preprocess: Preprocess,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.config = config
+        self.urls = expand_shards(config.shards)
+        check_local_shards(self.urls)
+        if len(self.urls) < world_size:
+            raise ValueError(
+                f"{len(self.urls)} shards cannot be split over {world_size} ranks; every rank needs at least one"
+            )
+        self.formatter = SampleFormatter(tokenizer, config.format)
+        self.preprocess = preprocess
+        self.rank, self.world_size = rank, world_size
+        self.fingerprint = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()[:16]
+        self._restored: dict[str, Any] | None = None
+        self._live: _WorkerStream | None = None
+
+    def shards_per_rank(self) -> int:
+        return len(range(self.rank, len(self.urls), self.world_size))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._live = _WorkerStream(self, worker, num_workers, self._restored)
+        self._restored = None
+        return iter(self._live)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._live is not None:
+            return self._live.snapshot()
+        return self._restored or {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = state or None
+        self._live = None
+
+
+class _WorkerStream:
+    def __init__(self, stream: ShardStream, worker: int, num_workers: int, state: dict[str, Any] | None):
+        config = stream.config
+        self.stream, self.config = stream, config
+        self.worker, self.num_workers = worker, num_workers
+        self.batcher = Batcher(config.batch_size, stream.formatter.pad_id, config.packing)
+        self.buffer: list[tuple[tuple[int, int], Sample]] = []  # ((url index, offset), parsed sample)
+        self.reader: Iterator | None = None
+        self.counts: dict[str, Any] = {"samples": 0, "truncated": 0, "bad": {}}
+        self.shard_counts: dict[int, list[int]] = {}  # url index -> [samples seen, bad]; current epoch
+        self.finished_shards: set[int] = set()
+        self.read_this_epoch = 0
+        if state:
+            self._restore(state)
+        else:
+            self.epoch, self.shard, self.offset = 0, 0, 0
+            self.rng = np.random.default_rng([config.seed, stream.rank, worker])
+        self.shard_list = self._shards_for_epoch(self.epoch)
+
+    # ----- state ---------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self.stream.fingerprint,
+            "seed": self.config.seed,
+            "rank": self.stream.rank,
+            "world_size": self.stream.world_size,
+            "worker": self.worker,
+            "num_workers": self.num_workers,
+            "epoch": self.epoch,
+            "shard": self.shard,
+            "offset": self.offset,
+            "buffer": [list(ref) for ref, _ in self.buffer],
+            "pending": [list(sample.ref) for sample in self.batcher.pending],
+            "rng": self.rng.bit_generator.state,
+            "counts": {**self.counts, "bad": dict(self.counts["bad"])},
+            "shard_counts": {str(k): list(v) for k, v in self.shard_counts.items()},
+            "finished_shards": sorted(self.finished_shards),
+            "read_this_epoch": self.read_this_epoch,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        expected = {
+            "version": STATE_VERSION,
+            "fingerprint": self.stream.fingerprint,
+            "seed": self.config.seed,
+            "rank": self.stream.rank,
+            "world_size": self.stream.world_size,
+            "worker": self.worker,
+            "num_workers": self.num_workers,
+        }
+        for name, value in expected.items():
+            if state.get(name) != value:
+                what = "shard list" if name == "fingerprint" else name
+                raise ValueError(
+                    f"loader state was saved with {what}={state.get(name)!r} but this loader has {value!r}; "
+                    "resume with the same shards, seed, ranks and workers"
+                )
+        self.epoch, self.shard, self.offset = state["epoch"], state["shard"], state["offset"]
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = state["rng"]
+        self.counts = {**state["counts"], "bad": dict(state["counts"]["bad"])}
+        self.shard_counts = {int(k): list(v) for k, v in state["shard_counts"].items()}
+        self.finished_shards = set(state["finished_shards"])
+        self.read_this_epoch = state["read_this_epoch"]
+        raw = _fetch(self.stream.urls, [tuple(ref) for ref in state["buffer"] + state["pending"]])
+        self.buffer = [
+            (tuple(ref), sample_from_members(raw[tuple(ref)].key, raw[tuple(ref)].members))
+            for ref in state["buffer"]
+        ]
+        for ref in state["pending"]:
+            sample = sample_from_members(raw[tuple(ref)].key, raw[tuple(ref)].members)
+            prepared = self._prepare(tuple(ref), sample, count=False)
+            if prepared is None:
+                raise ValueError(
+                    f"sample at {self.stream.urls[ref[0]]} offset {ref[1]} was good and is now bad"
+                )
+            self.batcher.pending.append(prepared)
+
+    def _shards_for_epoch(self, epoch: int) -> list[int]:
+        n = len(self.stream.urls)
+        order = (
+            np.random.default_rng([self.config.seed, epoch]).permutation(n)
+            if self.config.shuffle_shards
+            else np.arange(n)
+        )
+        return [
+            int(i) for i in order[self.stream.rank :: self.stream.world_size][self.worker :: self.num_workers]
+        ]
+
+    # ----- the pipeline --------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if not self.shard_list:
+            return  # more workers than this rank has shards: this one has nothing to read
+        while True:
+            item = self._next_shuffled()
+            if item is None:
+                break
+            prepared = self._prepare(*item)
+            if prepared is not None:
+                self.batcher.add(prepared)
+            if self.batcher.ready():
+                yield self.batcher.pop_batch()
+        while (batch := self.batcher.pop_batch()) is not None:
+            yield batch
+
+    def _next_shuffled(self) -> tuple[tuple[int, int], Sample] | None:
+        while len(self.buffer) < max(self.config.shuffle_buffer, 1):
+            item = self._read_next()
+            if item is None:
+                break
+            self.buffer.append(item)
+        if not self.buffer:
+            return None
+        i = int(self.rng.integers(len(self.buffer)))
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        return self.buffer.pop()
+
+    def _read_next(self) -> tuple[tuple[int, int], Sample] | None:
+        """The next parsed sample in shard order (bad ones counted and skipped), moving through shards and epochs."""
+        while True:
+            if self.shard >= len(self.shard_list):
+                if self.config.epochs is not None and self.epoch + 1 >= self.config.epochs:
+                    return None
+                if self.read_this_epoch == 0:
+                    shards = [self.stream.urls[i] for i in self.shard_list]
+                    raise ValueError(
+                        f"worker {self.worker} read no sample in a whole epoch of shards {shards}"
+                    )
+                self.epoch, self.shard, self.offset, self.read_this_epoch = self.epoch + 1, 0, 0, 0
+                self.shard_list = self._shards_for_epoch(self.epoch)
+                self.shard_counts, self.finished_shards = {}, set()
+            index = self.shard_list[self.shard]
+            if self.reader is None:
+                self.reader = read_shard(self.stream.urls[index], self.offset)
+            try:
+                raw = next(self.reader)
+            except StopIteration:
+                self._finish_shard(index)
+                continue
+            except BadSample as bad:  # truncated or unreadable shard: it ends here
+                self._count_seen(index)
+                self._record_bad(index, bad)
+                self._finish_shard(index)
+                continue
+            self.offset = raw.end
+            self.read_this_epoch += 1
+            self._count_seen(index)
+            try:
+                return (index, raw.offset), sample_from_members(raw.key, raw.members)
+            except BadSample as bad:
+                self._record_bad(index, bad)
+
+    def _finish_shard(self, index: int) -> None:
+        self.reader = None
+        self.shard, self.offset = self.shard + 1, 0
+        self.finished_shards.add(index)
+        seen, bad = self.shard_counts.get(index, [0, 0])
+        if bad:
+            logger.info("shard %s: %d of %d samples bad so far", self.stream.urls[index], bad, seen)
+        self._check_bad_fraction(index)
+
+    def _prepare(self, ref: tuple[int, int], sample: Sample, count: bool = True) -> PreparedSample | None:
+        """Tokenize, decode and preprocess the images that survive truncation; None (counted) if bad."""
+        try:
+            tokens = self.stream.formatter.format(sample.items)
+            kept = sample.images[: tokens.num_images]
+            images = [
+                decode_image(item.data, f"{sample.key}.{item.extension}", self.config.images) for item in kept
+            ]
+            try:
+                pixels = [self.stream.preprocess(image) for image in images]
+            except Exception as error:  # odd images (1x1, extreme aspect) can break a preprocess
+                raise BadSample(UNDECODABLE_IMAGE, f"{sample.key}: preprocess failed: {error}") from None
+        except BadSample as bad:
+            if count:
+                self._record_bad(ref[0], bad)
+            return None
+        if count:
+            self.counts["samples"] += 1
+            self.counts["truncated"] += int(tokens.truncated)
+        return PreparedSample(tokens.input_ids, tokens.labels, pixels, ref)
+
+    # ----- bad samples ---------------------------------------------------------------------------------------
+    def _count_seen(self, index: int) -> None:
+        self.shard_counts.setdefault(index, [0, 0])[0] += 1
+
+    def _record_bad(self, index: int, bad: BadSample) -> None:
+        self.counts["bad"][bad.reason] = self.counts["bad"].get(bad.reason, 0) + 1
+        self.shard_counts.setdefault(index, [0, 0])[1] += 1
+        total_bad = sum(self.counts["bad"].values())
+        level = logging.WARNING if total_bad <= WARN_FIRST_BAD else logging.DEBUG
+        logger.log(level, "skipped a bad sample in %s: %s", self.stream.urls[index], bad)
+        if index in self.finished_shards:
+            self._check_bad_fraction(index)
+
+    def _check_bad_fraction(self, index: int) -> None:
+        limit = self.config.max_bad_fraction
+        seen, bad = self.shard_counts.get(index, [0, 0])
+        if limit is not None and bad > limit * max(seen, 1):
+            raise BadDataError(
+                f"shard {self.stream.urls[index]}: {bad} of {seen} samples bad ({bad / max(seen, 1):.0%} > "
+                f"max_bad_fraction={limit:.0%}); bad so far in this worker: {self.counts['bad']}"
+            )
+
+
+def _fetch(urls: list[str], refs: list[tuple[int, int]]) -> dict[tuple[int, int], Any]:
+    by_shard: dict[int, list[int]] = {}
+    for index, offset in refs:
+        by_shard.setdefault(index, []).append(offset)
+    found = {}
+    for index, offsets in by_shard.items():
+        for offset, raw in read_samples_at(urls[index], offsets).items():
+            found[(index, offset)] = raw
+    return found

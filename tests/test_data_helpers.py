@@ -1,0 +1,72 @@
+"""Shared helpers for the data tests (no tests here): images, samples, shards, a tiny preprocess, a CLI parser."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from openflamingo.data import ImageItem, ImageTextPair, InterleavedDocument, ShardWriter, TextItem
+from openflamingo.data.cli import register
+from openflamingo.model.vision import to_unit_tensor
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+IMAGE_SIZE = 16
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (24, 20), fmt: str = "PNG") -> bytes:
+    """A small image whose pixels encode `seed`, so batches can be told apart by their pixels."""
+    image = Image.new("RGB", size, ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def preprocess(image: Image.Image) -> torch.Tensor:
+    """A small stand-in for a vision encoder's preprocess: resize and scale to [0, 1]."""
+    return to_unit_tensor(image.resize((IMAGE_SIZE, IMAGE_SIZE)))
+
+
+def pair(i: int) -> ImageTextPair:
+    return ImageTextPair(f"pair{i:04d}", ImageItem(image_bytes(i), "png"), f"a red cat number {i}")
+
+
+def document(i: int, images: int = 2) -> InterleavedDocument:
+    items: list[TextItem | ImageItem] = [TextItem(f"document {i} starts here")]
+    for j in range(images):
+        items += [
+            ImageItem(image_bytes(1000 + 10 * i + j), f"{j}.png"),
+            TextItem(f"the dog {j} sits " * (1 + i % 3)),
+        ]
+    return InterleavedDocument(f"doc{i:04d}", items)
+
+
+def write_shards(directory: Path, samples, samples_per_shard: int) -> list[str]:
+    with ShardWriter(directory, samples_per_shard=samples_per_shard) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return [str(path) for path in writer.shards]
+
+
+def mixed_shards(directory: Path, pairs: int = 24, documents: int = 16, per_shard: int = 5) -> list[str]:
+    samples = [pair(i) for i in range(pairs)] + [document(i, 1 + i % 3) for i in range(documents)]
+    # interleave kinds so every shard has both
+    order = sorted(range(len(samples)), key=lambda k: (k % 7, k))
+    return write_shards(directory, [samples[k] for k in order], per_shard)
+
+
+def cli(argv: list[str]) -> int:
+    """Run `openflamingo data ...` the way openflamingo.cli.main does, through register()."""
+    parser = argparse.ArgumentParser(prog="openflamingo")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        print(f"openflamingo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
