@@ -1,4 +1,4 @@
-"""The `openflamingo` command: convert | generate | data (train and eval register the same way)."""
+"""The `openflamingo` command: convert | generate | data | eval (train registers the same way)."""
 
 from __future__ import annotations
 
@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=generate)
 
     from .data.cli import register as register_data
+    from .eval.cli import register as register_eval
 
     register_data(commands)
+    register_eval(commands)
     return parser
 
 

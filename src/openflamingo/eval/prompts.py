@@ -1,0 +1,97 @@
+"""Few-shot prompts and the post-processing of generated answers (OpenFlamingo's conventions).
+
+A prompt is the demonstrations followed by the query: "<image>Output:a cat.<|endofchunk|>\n<image>Output:".
+Zero-shot comes in two forms: Flamingo's, with two demonstrations whose images are removed (text only, so the model
+sees the answer format), and true zero-shot with the query alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .datasets import Example
+from .tasks import PromptFormat
+
+END_OF_CHUNK = "<|endofchunk|>"
+MEDIA = "<image>"
+FLAMINGO_ZERO_SHOT_DEMOS = (
+    2  # Flamingo (Alayrac et al. 2022, appendix) and OpenFlamingo's zero-shot convention
+)
+
+
+def num_demos(shots: int, zero_shot: str) -> int:
+    if shots > 0:
+        return shots
+    if zero_shot == "text-demos":
+        return FLAMINGO_ZERO_SHOT_DEMOS
+    if zero_shot == "none":
+        return 0
+    raise ValueError(f"zero_shot must be 'text-demos' or 'none', got {zero_shot!r}")
+
+
+@dataclass
+class Prompt:
+    text: str
+    images: list[Path]  # in the order of the <image> tokens of `text`
+
+
+def fill(template: str, example: Example, answer: str) -> str:
+    try:
+        return template.format(answer=answer, **example.fields)
+    except KeyError as error:
+        raise ValueError(
+            f"prompt template {template!r} uses {{{error.args[0]}}}, which example {example.id!r} does not have "
+            f"(it has: {', '.join(['answer', *example.fields])})"
+        ) from None
+
+
+def build_prompt(fmt: PromptFormat, demos: list[Example], query: Example, shots: int) -> Prompt:
+    """Demonstrations (with their images when shots > 0, text only for zero-shot) followed by the query."""
+    parts, images = [], []
+    for demo in demos:
+        text = fill(fmt.template, demo, demo.target.strip()) + END_OF_CHUNK + fmt.separator
+        if shots == 0:
+            text = text.replace(MEDIA, "")
+        else:
+            images += [candidates[0] for candidates in demo.images]
+        parts.append(text)
+    query_text = fill(fmt.template, query, "")
+    expected = len(query.images)
+    if query_text.count(MEDIA) != expected:
+        raise ValueError(
+            f"prompt template {fmt.template!r} has {query_text.count(MEDIA)} {MEDIA} tokens but examples have "
+            f"{expected} image(s)"
+        )
+    images += [candidates[0] for candidates in query.images]
+    return Prompt("".join(parts) + query_text, images)
+
+
+# ----- post-processing of generations -----------------------------------------------------------------------------
+def postprocess_caption(text: str) -> str:
+    """The caption ends where the model starts another demonstration ("Output"); quotes are dropped."""
+    return text.split("Output", 1)[0].replace('"', "")
+
+
+def postprocess_vqa(text: str) -> str:
+    """The answer ends where another question starts, and at the first ", "."""
+    answer = re.split("Question|Answer|Short", text, maxsplit=1)[0]
+    return re.split(", ", answer, maxsplit=1)[0]
+
+
+def postprocessor(name: str, stemmer=None) -> Callable[[str], str]:
+    if name == "caption":
+        return postprocess_caption
+    if name == "vqa":
+        return postprocess_vqa
+    if name == "okvqa":
+        if stemmer is None:
+            from .okvqa_stemming import nltk_stemmer
+
+            stemmer = nltk_stemmer()
+        return lambda text: stemmer.stem(postprocess_vqa(text))
+    if name == "none":
+        return lambda text: text.strip()
+    raise ValueError(f"unknown post-processing {name!r}; known: caption, vqa, okvqa, none")
