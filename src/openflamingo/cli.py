@@ -1,4 +1,4 @@
-"""The `openflamingo` command: convert | generate | data | eval (train registers the same way)."""
+"""The `openflamingo` command: train | eval | data | convert | generate."""
 
 from __future__ import annotations
 
@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.cli import register as register_data
     from .eval.cli import register as register_eval
+    from .train.cli import register as register_train
 
+    register_train(commands)
     register_data(commands)
     register_eval(commands)
     return parser

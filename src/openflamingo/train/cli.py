@@ -1,0 +1,81 @@
+"""`openflamingo train [--config recipe.toml] [--section.key value ...]`, also `python -m openflamingo.train`.
+
+Under torchrun every process runs the same command: `torchrun --nproc_per_node 8 -m openflamingo.train --config ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+class _TrainParser(argparse.ArgumentParser):
+    """Hands `--section.key value` pairs to the config loader (which names bad keys) instead of rejecting them."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + rest
+        return namespace, []
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=None, help="a TOML recipe, e.g. configs/demo.toml (default: built-in defaults)"
+    )
+    parser.epilog = (
+        "Any config key can be overridden as --section.key VALUE, e.g. --train.lr 3e-4 --datasets.pairs.batch_size 16 "
+        "--parallel.mode fsdp. Sections: model, datasets.NAME, data, train, precision, parallel, checkpoint, log."
+    )
+
+
+def default_recipe() -> Path:
+    """configs/demo.toml of the source checkout this package runs from (the README's `openflamingo train`)."""
+    path = Path(__file__).resolve().parents[3] / "configs" / "demo.toml"
+    if not path.is_file():
+        raise ValueError(
+            f"--config: not given, and the demo recipe {path} is not there; pass --config RECIPE.toml"
+        )
+    return path
+
+
+def run(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .loop import NonFiniteLossError, train
+
+    config = load_config(args.config or default_recipe(), args.overrides)
+    try:
+        result = train(config)
+    except NonFiniteLossError as error:
+        raise ValueError(str(error)) from None
+    if result.export_dir is not None and os.environ.get("RANK", "0") == "0":
+        print(f"trained {result.step} steps; model saved to {result.export_dir}")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `train` command to the `openflamingo` CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model from a TOML recipe (torchrun for several processes)",
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.__class__ = (
+        _TrainParser  # subparsers construct their own parser class; we only extend parse_known_args
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=run, overrides=[])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _TrainParser(prog="python -m openflamingo.train", allow_abbrev=False)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        print(f"openflamingo train: error: {error}", file=sys.stderr)
+        return 2
+    return 0

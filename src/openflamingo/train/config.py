@@ -1,0 +1,397 @@
+"""A training run is one `RunConfig`: small dataclasses per concern, read from a TOML recipe plus `--a.b value`.
+
+Every key is checked against the dataclass fields and every value against the field's type, so a typo or a bad
+value is a one-line ValueError naming the key (`train.lr: expected a float, got 'fast'`), never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from ..model.config import FlamingoConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class DatasetConfig:
+    """One training dataset; each has its own batch size and loss weight (loss = sum of weight * dataset loss)."""
+
+    batch_size: int = 8  # samples per micro-step over all ranks together (split evenly across ranks)
+    loss_weight: float = 1.0
+    enabled: bool = True  # a recipe's dataset can be switched off from the command line
+    kind: str = "pairs"  # "pairs" (one image + caption) or "interleaved" (documents with several images)
+    path: str | None = None  # where the real loader finds the data (shards, a converted dataset, ...)
+    num_samples: int | None = None  # samples the recipe plans to see (documentation for the real loader)
+    seq_len: int = 64  # max tokens per sample
+    max_images: int = 1  # max images per sample
+    options: dict = field(default_factory=dict)  # loader-specific settings; the loader builder validates them
+
+
+@dataclass
+class DataConfig:
+    # A registered name ("synthetic") or "package.module:function"; see openflamingo.train.data.build_loader.
+    loader: str = "synthetic"
+    seed: int | None = None  # defaults to train.seed
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-4
+    schedule: str = "constant"  # "constant" | "linear" | "cosine" (after warmup)
+    warmup_steps: int = 0  # counted in optimizer steps
+    min_lr: float = 0.0  # where linear/cosine decay ends
+    weight_decay: float = 0.1
+    # Which parameters decay: "cross_attention" (OpenFlamingo: cross-attention matrices only, no gates/norms/biases),
+    # "matrices" (every trainable matrix) or "none".
+    decay: str = "cross_attention"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # global gradient clipping; 0 disables (the norm is still logged)
+    seed: int = 0
+    max_nonfinite_in_row: int = 5  # NaN/inf steps are skipped; this many in a row stop the run
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when available, else cpu) | "cpu" | "cuda"
+    output_dir: str = "runs/default"
+
+
+@dataclass
+class PrecisionConfig:
+    # "auto": bf16 on CUDA; fp32 on CPU, where bf16 matmuls are far slower than fp32 on common x86 cores.
+    autocast: str = "auto"  # "auto" | "bf16" | "fp32"
+    frozen_dtype: str = (
+        "auto"  # storage of the frozen backbones: "auto" (= autocast's choice) | "bf16" | "fp32"
+    )
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "auto"  # "auto" (ddp when launched with several processes) | "none" | "ddp" | "fsdp"
+    activation_checkpointing: bool = (
+        False  # recompute each (cross-attention + decoder layer) unit in backward
+    )
+    compile: bool = False  # torch.compile the decoder layers, cross-attention blocks and perceiver
+    compile_backend: str = "inductor"
+    fsdp_reshard_after_forward: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # optimizer steps between checkpoints; 0: only at the end
+    keep: int = 3  # newest checkpoints kept
+    resume: str = (
+        "auto"  # "auto" (latest in output_dir/checkpoints, if any) | "none" | a checkpoint name or path
+    )
+    export: bool = True  # save_pretrained the final model to output_dir/final
+
+
+@dataclass
+class LogConfig:
+    every: int = 1  # steps between metric records
+    progress: bool = True  # console progress bar (rank 0)
+    jsonl: bool = True  # output_dir/metrics.jsonl
+    tensorboard: bool = True  # output_dir/tensorboard
+    wandb: bool = False
+    wandb_project: str = "openflamingo"
+    mfu: bool = True  # count FLOPs per token on one extra micro-step at start-up (see train/metrics.py)
+    # Peak FLOP/s per device for MFU, in TFLOP/s; 0: known GPUs from a table, CPUs by a short fp32 matmul probe.
+    peak_tflops: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    model: FlamingoConfig = field(default_factory=FlamingoConfig)
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def enabled_datasets(self) -> dict[str, DatasetConfig]:
+        return {name: d for name, d in self.datasets.items() if d.enabled}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"] = self.model.to_dict()
+        return out
+
+
+CHOICES = {
+    "train.schedule": ("constant", "linear", "cosine"),
+    "train.decay": ("cross_attention", "matrices", "none"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "precision.autocast": ("auto", "bf16", "fp32"),
+    "precision.frozen_dtype": ("auto", "bf16", "fp32"),
+    "parallel.mode": ("auto", "none", "ddp", "fsdp"),
+}
+
+
+# ----- building dataclasses from plain data, with errors that name the key -------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], len(args) != len(typing.get_args(tp))
+    return tp, False
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` (from TOML or parsed from the command line) checked against / converted to type `tp`."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{key}: a value is required ({_type_name(tp)})")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is tuple or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{key}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(
+                coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        item = args[1] if args else Any
+        return {k: coerce(v, item, f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"{key}: unsupported config type {tp}")
+
+
+def from_dict(cls, data: Any, key: str):
+    """Dataclass `cls` from a dict: unknown keys, missing required keys and bad values name the key."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{key}: expected a table, got {data!r}")
+    types_ = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{_join(key, unknown[0])}: unknown key; known keys of {key}: {', '.join(fields)}")
+    values = {name: coerce(v, types_[name], _join(key, name)) for name, v in data.items()}
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"{_join(key, missing[0])}: missing required key")
+    try:
+        return cls(**values)
+    except ValueError as error:  # __post_init__ checks (e.g. model.vision) already say what is wrong
+        raise ValueError(f"{key}: {error}") from None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ----- semantic checks that a type cannot express ----------------------------------------------------------------
+def validate(config: RunConfig) -> RunConfig:
+    flat = {
+        "train.schedule": config.train.schedule,
+        "train.decay": config.train.decay,
+        "train.device": config.train.device,
+        "precision.autocast": config.precision.autocast,
+        "precision.frozen_dtype": config.precision.frozen_dtype,
+        "parallel.mode": config.parallel.mode,
+    }
+    for key, value in flat.items():
+        if value not in CHOICES[key]:
+            raise ValueError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    t = config.train
+    positive = {"train.steps": t.steps, "train.grad_accum": t.grad_accum, "log.every": config.log.every}
+    positive["checkpoint.keep"] = config.checkpoint.keep
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{key}: must be >= 1, got {value}")
+    non_negative = {
+        "train.lr": t.lr,
+        "train.min_lr": t.min_lr,
+        "train.warmup_steps": t.warmup_steps,
+        "train.weight_decay": t.weight_decay,
+        "train.max_grad_norm": t.max_grad_norm,
+        "train.max_nonfinite_in_row": t.max_nonfinite_in_row,
+        "checkpoint.every": config.checkpoint.every,
+        "log.peak_tflops": config.log.peak_tflops,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ValueError(f"{key}: must be >= 0, got {value}")
+    if t.min_lr > t.lr:
+        raise ValueError(f"train.min_lr: {t.min_lr} is above train.lr={t.lr}")
+    if not config.enabled_datasets():
+        raise ValueError("datasets: no enabled dataset; add a [datasets.NAME] table with batch_size > 0")
+    for name, d in config.enabled_datasets().items():
+        if d.batch_size < 1:
+            raise ValueError(f"datasets.{name}.batch_size: must be >= 1, got {d.batch_size}")
+        if d.loss_weight < 0:
+            raise ValueError(f"datasets.{name}.loss_weight: must be >= 0, got {d.loss_weight}")
+        if d.seq_len < 2 or d.max_images < 1:
+            raise ValueError(f"datasets.{name}: seq_len must be >= 2 and max_images >= 1")
+    return config
+
+
+# ----- TOML recipes and command-line overrides ---------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- TOML recipe at `path` <- overrides (`["--train.lr", "3e-4", "--log.wandb=true"]`)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--config: {path} is not a file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path}: not valid TOML ({error})") from None
+    for key, text in parse_overrides(overrides or []):
+        apply_override(data, key, text)
+    return validate(from_dict(RunConfig, data, ""))
+
+
+def parse_overrides(tokens: list[str]) -> list[tuple[str, str]]:
+    """`--a.b value` / `--a.b=value` pairs -> [(a.b, value)]."""
+    pairs, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ValueError(f"{token}: expected an override --section.key VALUE")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens):
+                raise ValueError(f"--{key}: missing value")
+            value, i = tokens[i + 1], i + 1
+        if "." not in key:
+            raise ValueError(f"--{key}: overrides name a section and a key, e.g. --train.lr 3e-4")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def apply_override(data: dict[str, Any], key: str, text: str) -> None:
+    """Set `data[a][b]... = text` parsed as the type the dataclasses declare for `a.b...`."""
+    parts = key.split(".")
+    tp: Any = RunConfig
+    node = data
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        tp, _ = _unwrap_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            fields = _field_types(tp)
+            if part not in fields:
+                where = ".".join(parts[:depth]) or "config"
+                raise ValueError(f"{here}: unknown key; known keys of {where}: {', '.join(fields)}")
+            tp = fields[part]
+        elif tp is dict or typing.get_origin(tp) is dict:
+            args = typing.get_args(tp)
+            tp = args[1] if args else Any
+            if tp is not Any and part not in node:
+                raise ValueError(f"{here}: no such entry; defined: {', '.join(node) or 'none'}")
+        elif tp is not Any:
+            raise ValueError(f"{here}: {'.'.join(parts[:depth])} is a {_type_name(tp)}, it has no keys")
+        if depth < len(parts) - 1:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"{here}: is not a table in the recipe")
+            node = child
+    node[parts[-1]] = parse_value(text, tp, key)
+
+
+def parse_value(text: str, tp: Any, key: str) -> Any:
+    """A command-line string as the declared type: strings stay verbatim, the rest is read as a TOML value."""
+    inner, optional = _unwrap_optional(tp)
+    if optional and text.lower() in ("none", "null"):
+        return None
+    if inner is str:
+        return text
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if inner is Any:
+            return text
+        raise ValueError(f"--{key}: expected {_type_name(inner)}, got {text!r}") from None
+    return coerce(value, tp, key)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A nested dict as TOML (tables for dicts, None values omitted): the resolved config saved with a run."""
+    lines: list[str] = []
+
+    def scalar(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(scalar(x) for x in v if x is not None) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{tkey(k)} = {scalar(x)}" for k, x in v.items() if x is not None) + "}"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    def tkey(k: str) -> str:
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        plain = {k: v for k, v in d.items() if v is not None and not isinstance(v, dict)}
+        nested = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if prefix and (plain or not nested):
+            lines.append(f"\n[{prefix}]")
+        lines.extend(f"{tkey(k)} = {scalar(v)}" for k, v in plain.items())
+        for k, v in nested.items():
+            table(f"{prefix}.{tkey(k)}" if prefix else tkey(k), v)
+
+    table("", data)
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,71 @@
+"""AdamW over the trainable parameters, with weight decay where the recipe says, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def decays(name: str, param: torch.Tensor, rule: str) -> bool:
+    """Gates, norms and biases (all < 2-D) never decay. "cross_attention" follows OpenFlamingo's train.py, which
+    decays only the cross-attention blocks' matrices; "matrices" decays every trainable matrix (nanoGPT)."""
+    if rule == "none" or param.ndim < 2:
+        return False
+    if rule == "cross_attention":
+        return name.startswith("cross_attn_blocks.")
+    return True
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for n, p in named if decays(n, p, config.decay)]
+    no_decay = [p for n, p in named if not decays(n, p, config.decay)]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps
+    )
+
+
+class LRSchedule:
+    """lr(step) for optimizer step `step` (0-based): linear warmup from lr/warmup to lr, then constant, linear or
+    cosine decay to min_lr at `config.steps`. Pure function of the step, so its state is the step alone."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.step = 0
+
+    def lr(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return c.lr
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+        if c.schedule == "linear":
+            return c.lr + (c.min_lr - c.lr) * progress
+        return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> float:
+        """Set the lr of the step about to be taken."""
+        lr = self.lr(self.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def advance(self) -> None:
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
