@@ -35,7 +35,7 @@ test: install $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 demo: install
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/openflamingo train
 
 lint: install
 	$(BIN)/ruff check src tests tools examples

@@ -48,6 +48,12 @@ def fill(template: str, example: Example, answer: str) -> str:
         ) from None
 
 
+def answer_follows_space(template: str) -> bool:
+    """ "Answer: {answer}" rather than OpenFlamingo's "Answer:{answer}": then answers are scored/generated with
+    their leading space, the way a BPE tokenizer splits "Answer: blue" (":" + " blue")."""
+    return template.split("{answer}", 1)[0].endswith(" ")
+
+
 def build_prompt(fmt: PromptFormat, demos: list[Example], query: Example, shots: int) -> Prompt:
     """Demonstrations (with their images when shots > 0, text only for zero-shot) followed by the query."""
     parts, images = [], []
@@ -59,6 +65,10 @@ def build_prompt(fmt: PromptFormat, demos: list[Example], query: Example, shots:
             images += [candidates[0] for candidates in demo.images]
         parts.append(text)
     query_text = fill(fmt.template, query, "")
+    if answer_follows_space(fmt.template):
+        query_text = query_text[
+            :-1
+        ]  # the space belongs to the answer's first token (" blue"), as in training
     expected = len(query.images)
     if query_text.count(MEDIA) != expected:
         raise ValueError(

@@ -25,7 +25,7 @@ from .datasets import Example, resolve_images
 from .demos import RandomDemos, RicesDemos, demo_pool_error
 from .distributed import Ranks, gather, init_ranks, shard
 from .metrics import check_cider_available, score_task
-from .prompts import build_prompt, num_demos, postprocessor
+from .prompts import answer_follows_space, build_prompt, num_demos, postprocessor
 from .tasks import DataPaths, PromptFormat, TaskData, TaskSpec, describe, get_task, load_task_data
 
 DEFAULT_FIRST_SEED = 42  # OpenFlamingo's default trial seed; further trials use 43, 44, ...
@@ -143,11 +143,12 @@ def run(model, prepared: PreparedRun) -> dict | None:
     device = torch.device(config.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     indexed = shard(list(enumerate(prepared.evaluated)), ranks)
-    class_ids = (
-        inference.tokenize_class_names(model.tokenizer, prepared.data.class_names)
-        if spec.kind == "rank"
-        else None
-    )
+    class_ids = None
+    if spec.kind == "rank":
+        space = " " if answer_follows_space(spec.prompt.template) else ""
+        class_ids = inference.tokenize_class_names(
+            model.tokenizer, [space + n for n in prepared.data.class_names]
+        )
     rices = None
     if config.demos == "rices" and any(num_demos(s, config.zero_shot) > 0 for s in config.shots):
         progress = tqdm(

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = (
         "Any config key can be overridden as --section.key VALUE, e.g. --train.lr 3e-4 --datasets.pairs.batch_size 16 "
-        "--parallel.mode fsdp. Sections: model, datasets.NAME, data, train, precision, parallel, checkpoint, log."
+        "--parallel.mode fsdp. Sections: model, datasets.NAME, data, train, precision, parallel, checkpoint, log, evaluate."
     )
 
 
@@ -49,8 +49,14 @@ def run(args: argparse.Namespace) -> None:
         result = train(config)
     except NonFiniteLossError as error:
         raise ValueError(str(error)) from None
-    if result.export_dir is not None and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if result.export_dir is not None:
         print(f"trained {result.step} steps; model saved to {result.export_dir}")
+    if config.evaluate.task is not None:
+        from .evaluate import evaluate_after_training
+
+        evaluate_after_training(result.model, config.evaluate, Path(config.train.output_dir))
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -111,6 +111,22 @@ class LogConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """A few-shot evaluation of the exported model after training (rank 0), e.g. the demo's easy-VQA check."""
+
+    task: str | None = None  # an openflamingo.eval task such as "easy_vqa"; None: no evaluation
+    shots: list[int] = field(default_factory=lambda: [0, 4])
+    num_samples: int | None = 500  # held-out examples
+    blind: bool = True  # also evaluate with cross-attention switched off (is the model using the images?)
+    zero_shot: str = (
+        "none"  # "none": 0-shot is the bare question | "text-demos": Flamingo's two text-only demos
+    )
+    prompt: str | None = None  # the task's prompt template; match the training text format
+    separator: str | None = None
+    batch_size: int = 16
+
+
+@dataclass
 class RunConfig:
     model: FlamingoConfig = field(default_factory=FlamingoConfig)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
@@ -120,6 +136,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def enabled_datasets(self) -> dict[str, DatasetConfig]:
         return {name: d for name, d in self.datasets.items() if d.enabled}

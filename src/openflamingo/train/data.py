@@ -147,8 +147,14 @@ def build_synthetic_loader(
     return SyntheticLoader(datasets, seed, model.special_ids, image_size(model), rank, world_size)
 
 
-# Named loaders; the data package registers its own here or is named as "module:function".
-LOADERS: dict[str, LoaderBuilder] = {"synthetic": build_synthetic_loader}
+def build_shard_loader(*args, **kwargs):
+    from .shards import build_shard_loader as build  # imports the data package only when it is used
+
+    return build(*args, **kwargs)
+
+
+# Named loaders; others are named as "module:function".
+LOADERS: dict[str, LoaderBuilder] = {"synthetic": build_synthetic_loader, "shards": build_shard_loader}
 
 
 def resolve_builder(name: str) -> LoaderBuilder:

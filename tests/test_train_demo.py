@@ -1,0 +1,54 @@
+"""The demo's wiring: training on real tar shards through the "shards" loader, and evaluation after training."""
+
+from __future__ import annotations
+
+import torch
+from test_data_helpers import mixed_shards
+from test_train import config_of, records, tiny_run
+
+from openflamingo import build_flamingo
+from openflamingo.train import train
+from openflamingo.train.config import EvaluateConfig
+from openflamingo.train.evaluate import cross_attention_off, evaluate_after_training
+
+
+def shard_run(tokenizer_dir, shards_dir, output_dir, **sections) -> dict:
+    run = tiny_run(tokenizer_dir, output_dir, data={"loader": "shards"}, **sections)
+    for dataset in run["datasets"].values():
+        dataset.update(path=str(shards_dir), options={"num_workers": 1, "shuffle_buffer": 8})
+    return run
+
+
+def test_training_on_shards_resumes_with_exactly_the_same_batches(tokenizer_dir, tmp_path):
+    mixed_shards(tmp_path / "shards")
+    whole = tmp_path / "whole"
+    train(config_of(shard_run(tokenizer_dir, tmp_path / "shards", whole)))
+    split = tmp_path / "split"
+    train(config_of(shard_run(tokenizer_dir, tmp_path / "shards", split, train={"steps": 2})))
+    train(config_of(shard_run(tokenizer_dir, tmp_path / "shards", split)))  # resumes from step 2
+    losses = {step: record["loss"] for step, record in records(whole).items()}
+    assert len(losses) == 4
+    assert {step: record["loss"] for step, record in records(split).items()} == losses
+
+
+def test_evaluation_after_training_compares_with_and_without_images(tokenizer_dir, tmp_path):
+    model = build_flamingo(config_of(tiny_run(tokenizer_dir, tmp_path)).model, seed=0)
+    gates = [block.attn_gate.clone() for block in model.cross_attn_blocks.values()]
+    with cross_attention_off(model):
+        assert all(float(block.attn_gate.detach()) == 0 for block in model.cross_attn_blocks.values())
+    assert all(
+        torch.equal(a, block.attn_gate)
+        for a, block in zip(gates, model.cross_attn_blocks.values(), strict=True)
+    )
+
+    config = EvaluateConfig(
+        task="easy_vqa",
+        shots=[0],
+        num_samples=4,
+        prompt="<image>Question: {question} Short answer: {answer}",
+        separator="",
+        batch_size=4,
+    )
+    summary = evaluate_after_training(model, config, tmp_path)
+    assert set(summary) == {"trained", "blind"} and set(summary["trained"]) == {"0-shot"}
+    assert (tmp_path / "eval" / "summary.json").is_file()
