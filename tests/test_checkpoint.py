@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_model import TEXTS, TINY_CLIP, batch, tiny_config
+from test_model import TEXTS, batch, tiny_config
+from tiny import TINY_CLIP
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
 
 import openflamingo

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import lm_config
+from tiny import TINY_CLIP, lm_config
 from transformers import AutoTokenizer
 
 from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
@@ -16,14 +16,6 @@ from openflamingo.eval import cli as eval_cli
 
 F = Path(__file__).parent / "fixtures" / "eval"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="CIDEr's PTB tokenizer needs Java")
-TINY_CLIP = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=16,
-)
 
 
 def tiny_model(tokenizer_dir, family="llama"):

@@ -2,20 +2,11 @@
 
 import pytest
 import torch
-from tiny import FAMILIES, lm_config
+from tiny import FAMILIES, TINY_CLIP, lm_config
 from transformers import AutoTokenizer
 
 from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
 from openflamingo.model.cross_attention import MaskedCrossAttention, media_attention_mask
-
-TINY_CLIP = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=16,
-)
 
 
 def tiny_config(tokenizer_dir, family="llama", **cross_attention) -> FlamingoConfig:

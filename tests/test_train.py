@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import lm_config
+from tiny import TINY_CLIP, lm_config
 from transformers import AutoTokenizer
 
 from openflamingo import load
@@ -22,15 +22,6 @@ from openflamingo.train.config import RunConfig, from_dict, to_toml, validate
 from openflamingo.train.data import LOADERS, SyntheticLoader, build_synthetic_loader
 from openflamingo.train.optim import build_optimizer
 from openflamingo.train.parallelize import apply_activation_checkpointing
-
-TINY_CLIP = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=16,
-)
 
 
 @pytest.fixture(autouse=True)

@@ -34,8 +34,9 @@ def test_demo_recipe_loads_with_its_model_init_options():
     config = load_config(CONFIGS / "demo.toml")
     assert config.model.language_model == "smollm2-135m"
     assert config.model.cross_attention.gate_init == 1.0 and config.model.cross_attention.zero_init_output
-    assert config.model.vision.feature_stages == (2, 3)
-    assert len(config.enabled_datasets()) == 2
+    assert config.model.vision.feature_stages == (1, 2) and config.model.vision.image_size == 96
+    assert config.data.loader == "shards" and config.evaluate.task == "easy_vqa"
+    assert {d.path for d in config.enabled_datasets().values()} == {"easy-vqa:vqa", "easy-vqa:fewshot"}
 
 
 def test_command_line_overrides_are_typed_and_nested(tmp_path):

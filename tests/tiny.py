@@ -38,6 +38,16 @@ def make_tokenizer(directory: Path, vocab_size: int = 300):
     return hf
 
 
+# A tiny HF CLIP vision tower (2x2 patches of 16 px on 32 px images).
+TINY_CLIP = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=16,
+)
+
 # Tiny random configs of real HF architectures: model_type -> config kwargs (vocab filled in by lm_config()).
 FAMILIES = {
     "llama": dict(
