@@ -140,7 +140,8 @@ class _WorkerStream:
         self.shard_list = self._shards_for_epoch(self.epoch)
 
     # ----- state ---------------------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
+    def _identity(self) -> dict[str, Any]:
+        """What a saved state must have been made by: the same shards, seed, rank and worker layout."""
         return {
             "version": STATE_VERSION,
             "fingerprint": self.stream.fingerprint,
@@ -149,6 +150,11 @@ class _WorkerStream:
             "world_size": self.stream.world_size,
             "worker": self.worker,
             "num_workers": self.num_workers,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self._identity(),
             "epoch": self.epoch,
             "shard": self.shard,
             "offset": self.offset,
@@ -162,16 +168,7 @@ class _WorkerStream:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        expected = {
-            "version": STATE_VERSION,
-            "fingerprint": self.stream.fingerprint,
-            "seed": self.config.seed,
-            "rank": self.stream.rank,
-            "world_size": self.stream.world_size,
-            "worker": self.worker,
-            "num_workers": self.num_workers,
-        }
-        for name, value in expected.items():
+        for name, value in self._identity().items():
             if state.get(name) != value:
                 what = "shard list" if name == "fingerprint" else name
                 raise ValueError(

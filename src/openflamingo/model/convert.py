@@ -259,9 +259,7 @@ def _check_coverage(
     if is_full:
         required += [k for k in own if k.startswith(("language_model.", "vision_encoder."))]
     # Tied LMs list the shared matrix under two names; one of them suffices.
-    tied_aliases = {
-        k for k in required if k.startswith("language_model.") and _is_alias_of_loaded(model, k, out)
-    }
+    tied_aliases = _aliases_of_loaded(model, required, out)
     missing = sorted(set(required) - set(out) - tied_aliases)
     if "added_tokens.output" in own and "added_tokens.output" not in out:
         report.kept_from_backbones.append(
@@ -279,9 +277,11 @@ def _check_coverage(
         )
 
 
-def _is_alias_of_loaded(model: Flamingo, key: str, out: dict) -> bool:
+def _aliases_of_loaded(model: Flamingo, required: list[str], out: dict) -> set[str]:
+    """Required keys whose tensor is shared with a key the conversion already fills (tied LM embeddings)."""
     params = model.state_dict(keep_vars=True)
-    return any(other in out and params[other] is params[key] for other in params if other != key)
+    loaded = {id(params[k]) for k in out}
+    return {k for k in required if k not in out and id(params[k]) in loaded}
 
 
 def load_open_flamingo_state_dict(model: Flamingo, state: dict[str, torch.Tensor]) -> ConversionReport:
