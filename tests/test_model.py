@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 
 from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
 from openflamingo.model.cross_attention import MaskedCrossAttention, media_attention_mask
+from openflamingo.model.flamingo import next_token_targets
 
 
 def tiny_config(tokenizer_dir, family="llama", **cross_attention) -> FlamingoConfig:
@@ -52,6 +53,15 @@ def test_family_trains_and_generates_identically_with_and_without_cache(tokenize
         n.startswith(("perceiver.", "cross_attn_blocks.", "added_tokens.")) for n in trainable
     )
     assert all(model.get_parameter(n).grad is not None for n in trainable if "gate" in n)
+
+    # Training computes logits only where a label follows: the same values, and the same loss.
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[0, :5] = -100
+    positions, targets = next_token_targets(labels)
+    selected = model(**inputs, logits_at=positions).logits
+    full = model(**inputs, labels=labels)
+    torch.testing.assert_close(selected, full.logits[positions], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(selected, targets), full.loss)
 
     greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     cached = model.generate(**inputs, **greedy)

@@ -73,15 +73,24 @@ def hidden_size(config) -> int:
     raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
 
 
+def next_token_targets(
+    labels: torch.Tensor, document_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets): a (B, L) bool mask of the positions whose next token is a label (!= -100), and those
+    labels in row-major order. In packed rows the last token of a document does not predict the next one's first."""
+    targets = labels[:, 1:]
+    if document_ids is not None:
+        targets = targets.masked_fill(document_ids[:, 1:] != document_ids[:, :-1], -100)
+    positions = F.pad(targets != -100, (0, 1), value=False)
+    return positions, targets[targets != -100]
+
+
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Next-token cross-entropy averaged over labels != -100 (the HF causal-LM loss). In packed rows the last
-    token of a document does not predict the first token of the next one."""
-    targets = labels[:, 1:].to(logits.device)
-    if document_ids is not None:
-        targets = targets.masked_fill(document_ids[:, 1:] != document_ids[:, :-1], -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    """Next-token cross-entropy averaged over labels != -100 (the HF causal-LM loss)."""
+    positions, targets = next_token_targets(labels.to(logits.device), document_ids)
+    return F.cross_entropy(logits[positions].float(), targets)
 
 
 class Flamingo(nn.Module):
@@ -116,7 +125,9 @@ class Flamingo(nn.Module):
         vision_encoder.requires_grad_(config.train_vision_encoder)
         self._lm_takes_position_ids = forward_accepts(language_model, "position_ids")
         self._media: MediaContext | None = None
+        self._logits_at: torch.Tensor | None = None
         language_model.register_forward_pre_hook(self._prepare_lm_call, with_kwargs=True)
+        language_model.get_output_embeddings().register_forward_pre_hook(self._select_logit_positions)
         language_model.get_output_embeddings().register_forward_hook(self._append_added_logits)
         for i in self.cross_attn_blocks:
             layers[int(i)].register_forward_pre_hook(partial(self._cross_attend, int(i)), with_kwargs=True)
@@ -178,6 +189,11 @@ class Flamingo(nn.Module):
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
+    def _select_logit_positions(self, lm_head, inputs):
+        if self._logits_at is None:
+            return None
+        return (inputs[0][self._logits_at], *inputs[1:])
+
     def _append_added_logits(self, lm_head, inputs, logits):
         return self.added_tokens.logits(inputs[0], logits)
 
@@ -227,21 +243,36 @@ class Flamingo(nn.Module):
         labels: torch.Tensor | None = None,
         num_images: torch.Tensor | Sequence[int] | None = None,
         document_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> FlamingoOutput:
         """Logits (and the loss when `labels` are given). `document_ids` (B, L) marks packed rows: 0 on padding,
-        1, 2, ... per document; each document then sees only its own earlier tokens and its own images."""
+        1, 2, ... per document; each document then sees only its own earlier tokens and its own images.
+
+        `logits_at` (B, L) bool computes the logits only at those positions, returned as (N, vocab) in row-major
+        order (training needs them only where a label follows, see `next_token_targets`; over a large vocabulary
+        the LM head is otherwise a large share of the step's time and memory)."""
         self.check_inputs(input_ids, images, attention_mask, num_images)
+        if logits_at is not None and labels is not None:
+            raise ValueError("pass labels or logits_at, not both: the loss needs the logits at every label")
+        if logits_at is not None and tuple(logits_at.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"logits_at shape {tuple(logits_at.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
         lm_kwargs = {"input_ids": input_ids, "use_cache": False}
         if document_ids is None:
             lm_kwargs["attention_mask"] = attention_mask
             lm_kwargs.update(self._position_ids(attention_mask))
         else:
             lm_kwargs.update(self._packed_lm_inputs(document_ids, input_ids))
-        if images is None:
-            logits = self.language_model(**lm_kwargs).logits
-        else:
-            with self.media(self.encode_images(images), document_ids=document_ids):
+        self._logits_at = logits_at
+        try:
+            if images is None:
                 logits = self.language_model(**lm_kwargs).logits
+            else:
+                with self.media(self.encode_images(images), document_ids=document_ids):
+                    logits = self.language_model(**lm_kwargs).logits
+        finally:
+            self._logits_at = None
         loss = causal_lm_loss(logits, labels, document_ids) if labels is not None else None
         return FlamingoOutput(logits=logits, loss=loss)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.build import build_flamingo
-from ..model.flamingo import Flamingo
+from ..model.flamingo import Flamingo, next_token_targets
 from . import distributed
 from .checkpoint import Checkpointer, export_final, restore_rng
 from .config import RunConfig, to_toml
@@ -46,21 +46,16 @@ class TrainResult:
     resumed_from: Path | None = None
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labels != -100 (the model's loss, before dividing by the count)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
-
-
 def forward_backward(
     model: torch.nn.Module, batch: dict[str, Any], scale: float, device: torch.device, amp: torch.dtype | None
 ) -> torch.Tensor:
-    """One dataset's micro-batch: forward, backward of `scale` * summed token loss; returns the (detached) sum."""
+    """One dataset's micro-batch: forward, backward of `scale` * summed token loss; returns the (detached) sum.
+    Logits are computed only where a label follows."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    positions, targets = next_token_targets(batch["labels"], batch.get("document_ids"))
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits = model(**inputs).logits
-    loss_sum = token_loss_sum(logits, batch["labels"])
+        logits = model(**inputs, logits_at=positions).logits
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
     (loss_sum * scale).backward()
     return loss_sum.detach()
 
@@ -162,7 +157,7 @@ def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
         stats = torch.zeros(len(names) + 1, dtype=torch.float64)
         for mb in micro_batches:
             for name, batch in mb.items():
-                stats[names.index(name)] += int((batch["labels"][:, 1:] != -100).sum())
+                stats[names.index(name)] += len(next_token_targets(batch["labels"], batch.get("document_ids"))[1])
                 stats[-1] += (
                     int(batch["attention_mask"].sum())
                     if "attention_mask" in batch
