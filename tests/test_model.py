@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
 from openflamingo.model.cross_attention import MaskedCrossAttention, media_attention_mask
 from openflamingo.model.flamingo import next_token_targets
+from openflamingo.model.perceiver import PerceiverResampler
 
 
 def tiny_config(tokenizer_dir, family="llama", **cross_attention) -> FlamingoConfig:
@@ -203,3 +204,18 @@ def test_packing_an_lm_without_position_ids_is_a_clear_error(tokenizer_dir):
     inputs = batch(model, TEXTS, [2, 1])
     with pytest.raises(ValueError, match="MptForCausalLM takes no position_ids, so packed documents cannot"):
         model(**inputs, document_ids=inputs["attention_mask"])
+
+
+def test_small_latent_init_lets_the_perceiver_output_follow_the_image():
+    media = torch.randn(16, 1, 1, 9, 256, generator=torch.Generator().manual_seed(0))
+
+    def spread_across_images(std: float) -> float:
+        torch.manual_seed(0)
+        perceiver = PerceiverResampler(256, PerceiverConfig(depth=1, num_latents=8, latent_init_std=std))
+        assert abs(perceiver.latents.std().item() - std) < 0.1 * std
+        with torch.no_grad():
+            out = perceiver(media)
+        return (out.std(0).mean() / out.std()).item()
+
+    # OpenFlamingo's N(0, 1) latents swamp the image-dependent part of the output.
+    assert spread_across_images(0.02) > 3 * spread_across_images(1.0)

@@ -20,7 +20,7 @@ from openflamingo import load
 from openflamingo.train import NonFiniteLossError, train
 from openflamingo.train.config import RunConfig, from_dict, to_toml, validate
 from openflamingo.train.data import LOADERS, SyntheticLoader, build_synthetic_loader
-from openflamingo.train.optim import build_optimizer
+from openflamingo.train.optim import LRSchedule, build_optimizer
 from openflamingo.train.parallelize import apply_activation_checkpointing
 
 
@@ -153,6 +153,27 @@ def test_weight_decay_applies_to_cross_attention_matrices_only(tokenizer_dir, tm
         n.startswith("cross_attn_blocks.") and "gate" not in n and "norm" not in n for n in decayed
     )
     assert "cross_attn_blocks.1.attn.to_q.weight" in decayed
+
+
+def test_lr_scale_multiplies_the_scheduled_lr_of_the_named_parameters(tokenizer_dir, tmp_path):
+    from openflamingo import build_flamingo
+
+    scales = {"added_tokens": 10.0, "perceiver.latents": 0.5}
+    config = config_of(tiny_run(tokenizer_dir, tmp_path, train={"lr_scale": scales}))
+    model = build_flamingo(config.model, seed=0)
+    optimizer = build_optimizer(model, config.train)
+    base_lr = LRSchedule(config.train).apply(optimizer)  # the first warmup step's lr
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            scale = 10.0 if name.startswith("added_tokens.") else 0.5 if name == "perceiver.latents" else 1.0
+            assert lr_of[id(param)] == pytest.approx(base_lr * scale), name
+
+    config.train.lr_scale = {"perceiver.latent": 2.0}  # a prefix must end at a dot
+    with pytest.raises(
+        ValueError, match=r"^train\.lr_scale\.perceiver\.latent: names no trainable parameter"
+    ):
+        build_optimizer(model, config.train)
 
 
 def _nan_loader(bad_steps):

@@ -35,8 +35,14 @@ def test_demo_recipe_loads_with_its_model_init_options():
     assert config.model.language_model == "smollm2-135m"
     assert config.model.cross_attention.gate_init == 1.0 and config.model.cross_attention.zero_init_output
     assert config.model.vision.feature_stages == (1, 2) and config.model.vision.image_size == 96
+    assert config.model.vision.crop_padding == 0 and config.model.perceiver.latent_init_std == 0.02
+    assert config.train.lr_scale == {"added_tokens": 10.0}
     assert config.data.loader == "shards" and config.evaluate.task == "easy_vqa"
-    assert {d.path for d in config.enabled_datasets().values()} == {"easy-vqa:vqa", "easy-vqa:fewshot"}
+    assert {d.path for d in config.enabled_datasets().values()} == {
+        "easy-vqa:pairs",
+        "easy-vqa:vqa",
+        "easy-vqa:fewshot",
+    }
 
 
 def test_command_line_overrides_are_typed_and_nested(tmp_path):
@@ -44,9 +50,13 @@ def test_command_line_overrides_are_typed_and_nested(tmp_path):
         CONFIGS / "demo.toml",
         [
             "--train.lr",
-            "3e-4",
-            "--datasets.vqa.batch_size=16",
+            "2e-4",
+            "--train.lr_scale.added_tokens",
+            "5",
+            "--datasets.vqa.batch_size=8",
             "--datasets.vqa_fewshot.enabled",
+            "false",
+            "--datasets.captions.enabled",
             "false",
             "--model.cross_attention.gate_init",
             "0",
@@ -60,8 +70,9 @@ def test_command_line_overrides_are_typed_and_nested(tmp_path):
             "none",
         ],
     )
-    assert config.train.lr == 3e-4 and isinstance(config.model.cross_attention.gate_init, float)
-    assert config.datasets["vqa"].batch_size == 16 and list(config.enabled_datasets()) == ["vqa"]
+    assert config.train.lr == 2e-4 and isinstance(config.model.cross_attention.gate_init, float)
+    assert config.train.lr_scale == {"added_tokens": 5.0}
+    assert config.datasets["vqa"].batch_size == 8 and list(config.enabled_datasets()) == ["vqa"]
     assert config.parallel.activation_checkpointing is True
     assert config.train.betas == (0.9, 0.95) and config.train.output_dir == "123"
     assert config.model.vision.path is None
@@ -84,12 +95,16 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--train.steps", "0"], r"^train\.steps: must be >= 1, got 0"),
         (["--train.schedule", "step"], r"^train\.schedule: 'step' is not one of constant, linear, cosine"),
         (["--parallel.activation_checkpointing", "yes"], r"activation_checkpointing: expected bool"),
-        (["--datasets.laion.batch_size", "8"], r"^datasets\.laion: no such entry; defined: vqa, vqa_fewshot"),
+        (
+            ["--datasets.laion.batch_size", "8"],
+            r"^datasets\.laion: no such entry; defined: captions, vqa, vqa_fewshot",
+        ),
         (["--datasets.vqa.batch_size", "0"], r"^datasets\.vqa\.batch_size: must be >= 1"),
         (["--model.perceiver.depthh", "2"], r"^model\.perceiver\.depthh: unknown key"),
         (["--model.vision.kind", "resnet"], r"^model\.vision: vision\.kind='resnet' is not known"),
         (["--train.betas", "[0.9]"], r"^train\.betas: expected 2 values"),
         (["--train.min_lr", "1"], r"^train\.min_lr: 1\.0 is above train\.lr"),
+        (["--train.lr_scale.added_tokens", "-1"], r"^train\.lr_scale\.added_tokens: must be >= 0"),
         (["--train", "1"], r"^--train: overrides name a section and a key"),
         (["--train.lr"], r"^--train\.lr: missing value"),
         (["train.lr", "1"], r"^train\.lr: expected an override --section\.key VALUE"),

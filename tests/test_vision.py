@@ -32,6 +32,8 @@ from openflamingo.model.vision import (
     VisionConfig,
     build_vision_encoder,
     clip_preprocess,
+    tf_center_crop_preprocess,
+    to_unit_tensor,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vision"
@@ -370,6 +372,26 @@ def test_efficientnet_at_a_smaller_resolution_keeps_the_imagenet_weights(efficie
     assert config.image_size == 64 and VisionConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="image_size=64 is only for kind 'efficientnet_lite0'"):
         VisionConfig("hf_clip", config={}, image_size=64)
+
+
+def test_efficientnet_crop_padding_zero_keeps_content_at_the_border():
+    # A 64 px image with a red square in its corner, like an easy-VQA shape at the edge.
+    image = Image.new("RGB", (64, 64), "white")
+    image.paste((255, 0, 0), (0, 0, 6, 6))
+    cropped = tf_center_crop_preprocess(image, 96, (0.5,) * 3, (0.5,) * 3)
+    whole = tf_center_crop_preprocess(image, 96, (0.5,) * 3, (0.5,) * 3, crop_padding=0)
+    assert cropped[1, :4, :4].mean() > 0.9  # TF's 75% centre crop at 96 px loses the corner: white
+    assert whole[1, :4, :4].mean() < -0.9  # the whole image: the red corner is there (no green)
+    resized = image.resize((96, 96), Image.Resampling.BICUBIC)
+    torch.testing.assert_close(whole, (to_unit_tensor(resized) - 0.5) / 0.5)
+
+    config = VisionConfig("efficientnet_lite0", image_size=96, crop_padding=0)
+    assert VisionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert build_vision_encoder(config).self_contained_config() == config
+    with pytest.raises(
+        ValueError, match="crop_padding=-1 is only for kind 'efficientnet_lite0' and must be >= 0"
+    ):
+        VisionConfig("efficientnet_lite0", crop_padding=-1)
 
 
 def test_efficientnet_rejects_wrong_size_and_architecture_config(efficientnet):

@@ -22,6 +22,9 @@ class PerceiverConfig:
     dim_head: int = 64
     ff_mult: int = 4
     max_num_frames: int | None = None  # learned frame embeddings for video input; None = stills only (F = 1)
+    # OpenFlamingo draws the latents from N(0, 1). Latents that large swamp the image-dependent part of the first
+    # layer's output; a small std (0.02, as in the Perceiver paper) lets a short run learn from the images.
+    latent_init_std: float = 1.0
 
 
 class FeedForward(nn.Module):
@@ -70,7 +73,7 @@ class PerceiverLayer(nn.Module):
 class PerceiverResampler(nn.Module):
     def __init__(self, dim: int, cfg: PerceiverConfig):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim))
+        self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim) * cfg.latent_init_std)
         self.frame_embeddings = (
             nn.Parameter(torch.randn(cfg.max_num_frames, dim)) if cfg.max_num_frames is not None else None
         )

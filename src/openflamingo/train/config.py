@@ -60,6 +60,9 @@ class TrainConfig:
     decay: str = "cross_attention"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    # lr multipliers by parameter-name prefix, e.g. {added_tokens = 10.0}: the special-token embeddings must move
+    # far from their initial rows, while the wide perceiver/cross-attention layers collapse at a large lr.
+    lr_scale: dict[str, float] = field(default_factory=dict)
     max_grad_norm: float = 1.0  # global gradient clipping; 0 disables (the norm is still logged)
     seed: int = 0
     max_nonfinite_in_row: int = 5  # NaN/inf steps are skipped; this many in a row stop the run
@@ -286,6 +289,9 @@ def validate(config: RunConfig) -> RunConfig:
     for key, value in non_negative.items():
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")
+    for prefix, scale in t.lr_scale.items():
+        if scale < 0:
+            raise ValueError(f"train.lr_scale.{prefix}: must be >= 0, got {scale}")
     if t.min_lr > t.lr:
         raise ValueError(f"train.min_lr: {t.min_lr} is above train.lr={t.lr}")
     if not config.enabled_datasets():

@@ -20,18 +20,31 @@ def decays(name: str, param: torch.Tensor, rule: str) -> bool:
     return True
 
 
+def lr_scale(name: str, scales: dict[str, float]) -> float:
+    """The multiplier of the longest prefix of `name` (at a dot boundary) in `scales`; 1.0 when none matches."""
+    matches = [p for p in scales if name == p or name.startswith(p + ".")]
+    return scales[max(matches, key=len)] if matches else 1.0
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
-    decay = [p for n, p in named if decays(n, p, config.decay)]
-    no_decay = [p for n, p in named if not decays(n, p, config.decay)]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    for prefix in config.lr_scale:
+        if not any(n == prefix or n.startswith(prefix + ".") for n, _ in named):
+            raise ValueError(f"train.lr_scale.{prefix}: names no trainable parameter (e.g. {named[0][0]})")
+    groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
+    for name, param in named:
+        key = (decays(name, param, config.decay), lr_scale(name, config.lr_scale))
+        groups.setdefault(key, []).append(param)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps
+        [
+            {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), params in sorted(groups.items())
+        ],
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
     )
 
 
@@ -55,10 +68,10 @@ class LRSchedule:
         return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer) -> float:
-        """Set the lr of the step about to be taken."""
+        """Set the lr of the step about to be taken (times each parameter group's `lr_scale`); returns the base lr."""
         lr = self.lr(self.step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def advance(self) -> None:
