@@ -157,7 +157,9 @@ def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
         stats = torch.zeros(len(names) + 1, dtype=torch.float64)
         for mb in micro_batches:
             for name, batch in mb.items():
-                stats[names.index(name)] += len(next_token_targets(batch["labels"], batch.get("document_ids"))[1])
+                stats[names.index(name)] += len(
+                    next_token_targets(batch["labels"], batch.get("document_ids"))[1]
+                )
                 stats[-1] += (
                     int(batch["attention_mask"].sum())
                     if "attention_mask" in batch
