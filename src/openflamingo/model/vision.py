@@ -150,7 +150,11 @@ def squash_preprocess(image: Image.Image, size: int, mean: Sequence[float], std:
 
 
 def tf_center_crop_preprocess(
-    image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float], crop_padding: int = 32
+    image: Image.Image,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_padding: int = EFFICIENTNET_LITE0_CROP_PADDING,
 ) -> Tensor:
     """TF EfficientNet's eval transform: centre crop size/(size+crop_padding) of the shorter side, bicubic resize to
     size."""

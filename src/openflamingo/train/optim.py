@@ -20,9 +20,14 @@ def decays(name: str, param: torch.Tensor, rule: str) -> bool:
     return True
 
 
+def is_under(name: str, prefix: str) -> bool:
+    """Whether parameter `name` is `prefix` or inside it (prefixes end at a dot boundary)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def lr_scale(name: str, scales: dict[str, float]) -> float:
-    """The multiplier of the longest prefix of `name` (at a dot boundary) in `scales`; 1.0 when none matches."""
-    matches = [p for p in scales if name == p or name.startswith(p + ".")]
+    """The multiplier of the longest prefix of `name` in `scales`; 1.0 when none matches."""
+    matches = [p for p in scales if is_under(name, p)]
     return scales[max(matches, key=len)] if matches else 1.0
 
 
@@ -31,7 +36,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     if not named:
         raise ValueError("the model has no trainable parameters")
     for prefix in config.lr_scale:
-        if not any(n == prefix or n.startswith(prefix + ".") for n, _ in named):
+        if not any(is_under(n, prefix) for n, _ in named):
             raise ValueError(f"train.lr_scale.{prefix}: names no trainable parameter (e.g. {named[0][0]})")
     groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
     for name, param in named:
