@@ -203,14 +203,81 @@ def test_bad_prediction_files_name_the_line(tmp_path):
         )
 
 
-def test_scoring_saved_vqa_predictions(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("vqa_metric", "expected"),
+    [(None, 0.0), ("official", 0.0), ("official-2017", 50.0), ("openflamingo", 50.0)],
+)
+def test_scoring_saved_vqa_predictions_with_each_vqa_metric(tmp_path, capsys, vqa_metric, expected):
+    # 9003's ten human answers are all "picture": officially "A picture." must then match exactly (it does not);
+    # the 2017 script and OpenFlamingo's port normalise it to "picture".
     predictions = tmp_path / "p.jsonl"
     predictions.write_text(
         '{"question_id": 9003, "answer": "A picture."}\n{"question_id": 9004, "answer": "no"}\n'
     )
-    cli("eval", "score", "--task", "vqav2", "--predictions", predictions, *SCORE_FILES["vqav2"])
+    chosen = ["--vqa-metric", vqa_metric] if vqa_metric else []
+    cli("eval", "score", "--task", "vqav2", "--predictions", predictions, *chosen, *SCORE_FILES["vqav2"])
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["vqa_accuracy"] == pytest.approx(50.0) and metrics["num_scored"] == 2
+    assert metrics["vqa_metric"] == (vqa_metric or "official")
+    assert metrics["vqa_accuracy"] == pytest.approx(expected) and metrics["num_scored"] == 2
+
+
+def test_the_vqa_metric_of_a_run_is_used_and_recorded(checkpoint, tmp_path, capsys):
+    cli("eval", "--checkpoint", checkpoint, "--task", "vqav2", "--shots", 0, "--trials", 1, "--num-samples", 2,
+        "--max-new-tokens", 1, "--num-beams", 1, "--zero-shot", "none", "--device", "cpu", "--no-progress",
+        "--vqa-metric", "openflamingo", "--output-dir", tmp_path, *VQA_FILES)  # fmt: skip
+    results = json.loads((tmp_path / "results_vqav2.json").read_text())
+    assert results["configs"]["vqav2"]["eval"]["vqa_metric"] == "openflamingo"
+    samples = tmp_path / "samples_vqav2_0shot_trial0.jsonl"
+    capsys.readouterr()
+    cli("eval", "score", "--task", "vqav2", "--predictions", samples, "--vqa-metric", "openflamingo",
+        *SCORE_FILES["vqav2"])  # fmt: skip
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["vqa_accuracy"] == pytest.approx(results["results"]["vqav2_0shot"]["trials"][0])
+
+
+def caption_predictions(path: Path, captions: dict) -> Path:
+    path.write_text("".join(json.dumps({"image_id": k, "caption": v}) + "\n" for k, v in captions.items()))
+    return path
+
+
+@needs_java
+@pytest.mark.parametrize(
+    ("task", "captions"),
+    [
+        ("coco", {1000: "a page of text", 1004: "a photo of coins", 1006: "a horse"}),
+        ("flickr30k", {"4945942737": "a woman sits by the water", 6338542128: "a man on a street"}),
+    ],
+)
+def test_scoring_captions_without_a_karpathy_file_scores_the_predicted_images(
+    task, captions, tmp_path, capsys
+):
+    predictions = caption_predictions(tmp_path / "p.jsonl", captions)
+    references = SCORE_FILES[task][SCORE_FILES[task].index("--references") + 1]
+    cli("eval", "score", "--task", task, "--predictions", predictions, "--references", references)
+    without = json.loads(capsys.readouterr().out)
+    assert without["num_scored"] == without["num_examples"] == len(captions)
+    # the same images scored through the Karpathy split give the same CIDEr (document frequencies included)
+    cli("eval", "score", "--task", task, "--predictions", predictions, *SCORE_FILES[task])
+    within = json.loads(capsys.readouterr().out)
+    assert without["cider"] == pytest.approx(within["cider"], rel=1e-12) and without["cider"] > 0
+    assert "vqa_metric" not in without
+
+
+def test_scoring_captions_for_an_image_without_references_names_it(tmp_path):
+    predictions = caption_predictions(tmp_path / "p.jsonl", {1000: "a page", 999: "a cat"})
+    references = F / "coco/captions_val2014.json"
+    with pytest.raises(
+        ValueError, match=r"captions_val2014.json: no reference captions for image_id 999 predicted"
+    ):
+        cli("eval", "score", "--task", "coco", "--predictions", predictions, "--references", references)
+    with pytest.raises(ValueError, match="task coco needs --references"):
+        cli("eval", "score", "--task", "coco", "--predictions", predictions)
+
+
+def test_running_captioning_still_needs_the_karpathy_split(checkpoint, no_model_load):
+    files = TASK_FILES["coco"][2:]  # --references and --images
+    with pytest.raises(ValueError, match="task coco needs --karpathy-json"):
+        cli("eval", "--checkpoint", checkpoint, "--task", "coco", "--device", "cpu", *files)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mpt", "gpt_neox"])

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .tasks import TASKS, DataPaths
+from .vqa_metric import DEFAULT_VQA_METRIC, VQA_METRICS
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,13 +28,28 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--train-questions", type=Path, help="questions of the demonstration split")
     data.add_argument("--train-annotations", type=Path, help="annotations of the demonstration split")
-    data.add_argument("--karpathy-json", type=Path, help="Karpathy split file (dataset_coco.json, ...)")
+    data.add_argument(
+        "--karpathy-json",
+        type=Path,
+        help="Karpathy split file (dataset_coco.json, ...); eval score without it scores the predicted image ids",
+    )
     data.add_argument(
         "--references", type=Path, help="COCO-format reference captions (captions_val2014.json)"
     )
     data.add_argument("--class-names", type=Path, help="ImageNet: JSON {folder: name} or one name per line")
     data.add_argument(
         "--split", help="evaluated split (Karpathy: test, ImageNet: val folder, easy_vqa: test)"
+    )
+
+
+def add_vqa_metric_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vqa-metric",
+        choices=VQA_METRICS,
+        default=DEFAULT_VQA_METRIC,
+        help="version of VQA accuracy (VQA tasks): official = the official script as it is now, "
+        "official-2017 = as released in 2017, openflamingo = OpenFlamingo's port, used in its paper "
+        "(see docs/eval.md)",
     )
 
 
@@ -78,6 +94,7 @@ def run_eval(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
+        vqa_metric=args.vqa_metric,
         rices_cache=args.rices_cache,
         output_dir=args.output_dir,
         checkpoint=args.checkpoint,
@@ -95,8 +112,10 @@ def run_score(args: argparse.Namespace) -> None:
     from .predictions import score_file
     from .tasks import get_task
 
-    scored = score_file(get_task(args.task), args.predictions, data_paths(args))
-    print(json.dumps({"task": args.task, **scored.metrics}))
+    spec = get_task(args.task)
+    scored = score_file(spec, args.predictions, data_paths(args), args.vqa_metric)
+    which = {"vqa_metric": args.vqa_metric} if spec.metric == "vqa_accuracy" else {}
+    print(json.dumps({"task": args.task, **which, **scored.metrics}))
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -146,6 +165,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_vqa_metric_argument(parser)
     add_data_arguments(parser)
     parser.set_defaults(run=run_eval)
 
@@ -153,6 +173,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score saved predictions (JSON lines) without a model")
     score.add_argument("--task", required=True, choices=list(TASKS))
     score.add_argument("--predictions", type=Path, required=True, help="JSON lines (see docs/eval.md)")
+    add_vqa_metric_argument(score)
     add_data_arguments(score)
     score.set_defaults(run=run_score)
     return parser

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .datasets import Example
 from .tasks import TaskSpec
-from .vqa_metric import vqa_accuracy
+from .vqa_metric import DEFAULT_VQA_METRIC, vqa_accuracy
 
 JAVA_HINT = (
     "CIDEr needs Java: pycocoevalcap's PTB tokenizer runs Stanford CoreNLP (a jar it ships) with `java`; install "
@@ -90,8 +90,14 @@ class Scored:
     per_example: dict[str, float]  # example key -> that example's score
 
 
-def score_task(spec: TaskSpec, examples: Sequence[Example], predictions: Mapping[str, object]) -> Scored:
+def score_task(
+    spec: TaskSpec,
+    examples: Sequence[Example],
+    predictions: Mapping[str, object],
+    vqa_metric: str = DEFAULT_VQA_METRIC,
+) -> Scored:
     """Score `predictions` (example key -> answer/caption text, or a classification dict) against `examples`.
+    `vqa_metric` picks the version of VQA accuracy (see `vqa_metric.py`); other tasks ignore it.
 
     Predictions for ids the data does not hold are errors; examples without a prediction are not scored (runs
     with --num-samples score a subset), and the metrics say how many were.
@@ -114,7 +120,9 @@ def score_task(spec: TaskSpec, examples: Sequence[Example], predictions: Mapping
         return Scored({"cider": value, **counts}, per_example)
 
     if spec.metric == "vqa_accuracy":
-        per_example = {e.key: 100.0 * vqa_accuracy(str(predictions[e.key]), e.references) for e in scored}
+        per_example = {
+            e.key: 100.0 * vqa_accuracy(str(predictions[e.key]), e.references, vqa_metric) for e in scored
+        }
         return Scored(
             {"vqa_accuracy": mean(per_example.values()), **breakdown(scored, per_example), **counts},
             per_example,

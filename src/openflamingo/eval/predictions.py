@@ -1,7 +1,7 @@
 """Saved prediction files (JSON lines), scored without a model by the same code as live runs.
 
 - VQA tasks: {"question_id": ..., "answer": "..."}  (answers are scored as given: post-process them first)
-- captioning: {"image_id": ..., "caption": "..."}
+- captioning: {"image_id": ..., "caption": "..."}  (without a Karpathy file, the predicted image ids are scored)
 - rank tasks: {"id": ..., "scores": {class: logprob}} or {"id": ..., "prediction": "class"}
 The per-sample files of `openflamingo eval` have these fields too.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .datasets import read_jsonl
+from .datasets import Example, read_jsonl
 from .metrics import Scored, score_task
 from .tasks import DataPaths, TaskSpec, load_task_data
+from .vqa_metric import DEFAULT_VQA_METRIC
 
 FIELDS = {"vqa_accuracy": ("question_id", "answer"), "cider": ("image_id", "caption")}
 
@@ -40,9 +41,29 @@ def read_predictions(spec: TaskSpec, path: Path) -> dict[str, object]:
     return predictions
 
 
-def score_file(spec: TaskSpec, predictions_path: Path, paths: DataPaths) -> Scored:
+def predicted_images(
+    examples: list[Example], predictions: dict[str, object], references: Path, predictions_path: Path
+) -> list[Example]:
+    """Captioning without a Karpathy split: the predicted image ids are the evaluated set, as in COCOEvalCap with
+    params["image_id"] = cocoRes.getImgIds() (CIDEr's document frequencies come from these images only)."""
+    by_key = {example.key: example for example in examples}
+    missing = [key for key in predictions if key not in by_key]
+    if missing:
+        raise ValueError(
+            f"{references}: no reference captions for image_id {missing[0]} predicted in {predictions_path} "
+            f"({len(missing)} predicted image ids have none)"
+        )
+    return [by_key[key] for key in predictions]
+
+
+def score_file(
+    spec: TaskSpec, predictions_path: Path, paths: DataPaths, vqa_metric: str = DEFAULT_VQA_METRIC
+) -> Scored:
     predictions = read_predictions(spec, predictions_path)
     data = load_task_data(spec, paths, run=False)
+    examples = data.eval_examples
+    if spec.data == "karpathy" and paths.karpathy_json is None:
+        examples = predicted_images(examples, predictions, paths.references, predictions_path)
     if data.class_names is not None:
         known = set(data.class_names)
         for key, prediction in predictions.items():
@@ -52,4 +73,4 @@ def score_file(spec: TaskSpec, predictions_path: Path, paths: DataPaths) -> Scor
                 raise ValueError(
                     f"{predictions_path}: id {key!r} names class {unknown[0]!r}, not one of the task's classes"
                 )
-    return score_task(spec, data.eval_examples, predictions)
+    return score_task(spec, examples, predictions, vqa_metric)

@@ -27,6 +27,7 @@ from .distributed import Ranks, gather, init_ranks, shard
 from .metrics import check_cider_available, score_task
 from .prompts import answer_follows_space, build_prompt, num_demos, postprocessor
 from .tasks import DataPaths, PromptFormat, TaskData, TaskSpec, describe, get_task, load_task_data
+from .vqa_metric import DEFAULT_VQA_METRIC, check_vqa_metric
 
 DEFAULT_FIRST_SEED = 42  # OpenFlamingo's default trial seed; further trials use 43, 44, ...
 MAX_STORED_SCORES = 20  # sample lines keep all class scores up to this many classes, else the top 5
@@ -53,6 +54,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     num_beams: int | None = None
     length_penalty: float | None = None
+    vqa_metric: str = DEFAULT_VQA_METRIC  # VQA tasks: official | official-2017 | openflamingo (vqa_metric.py)
     rices_cache: Path | None = None  # file for the demonstration pool's RICES features
     output_dir: Path | None = None
     checkpoint: Path | None = None  # recorded in the results
@@ -99,6 +101,7 @@ def check_config(config: EvalConfig) -> None:
     if config.demos not in ("random", "rices"):
         raise ValueError(f"demos must be 'random' or 'rices', got {config.demos!r}")
     num_demos(0, config.zero_shot)  # validates zero_shot
+    check_vqa_metric(config.vqa_metric)
 
 
 def prepare(config: EvalConfig) -> PreparedRun:
@@ -175,7 +178,7 @@ def run(model, prepared: PreparedRun) -> dict | None:
             )
             records = gather(records, ranks)
             if ranks.is_main:
-                metrics = score_records(spec, prepared.data.eval_examples, records)
+                metrics = score_records(spec, prepared.data.eval_examples, records, config.vqa_metric)
                 values.append(metrics[spec.metric])
                 per_trial.append(metrics)
                 if config.output_dir is not None:
@@ -292,8 +295,10 @@ def predictions_from_records(spec: TaskSpec, records: list[dict]) -> dict[str, o
     return {str(r["doc_id"]): {"scores": r["scores"], "prediction": r["prediction"]} for r in records}
 
 
-def score_records(spec: TaskSpec, examples: list[Example], records: list[dict]) -> dict:
-    scored = score_task(spec, examples, predictions_from_records(spec, records))
+def score_records(
+    spec: TaskSpec, examples: list[Example], records: list[dict], vqa_metric: str = DEFAULT_VQA_METRIC
+) -> dict:
+    scored = score_task(spec, examples, predictions_from_records(spec, records), vqa_metric)
     for record in records:
         record["score"] = scored.per_example[str(record["doc_id"])]
         record[spec.metric] = record["score"]

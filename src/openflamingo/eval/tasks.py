@@ -106,7 +106,7 @@ class DataPaths:
 
 # Which DataPaths fields each reader needs: (to score predictions, additionally to run with demonstrations).
 REQUIRED = {
-    "karpathy": (("karpathy_json", "references"), ("images",)),
+    "karpathy": (("references",), ("karpathy_json", "images")),  # scoring without a split: the predicted ids
     "vqa": (("questions", "annotations"), ("images", "train_questions", "train_annotations")),
     "imagefolder": (("images",), ()),
     "hateful_memes": (("annotations",), ("images", "train_annotations")),
@@ -140,7 +140,11 @@ def load_task_data(spec: TaskSpec, paths: DataPaths, run: bool = True, demos: bo
     train_images = paths.train_images or paths.images
     pool: list[Example] = []
     classes = list(spec.class_names) if spec.class_names else None
-    if spec.data == "karpathy":
+    if spec.data == "karpathy" and paths.karpathy_json is None:
+        # Scoring only (run=False): every image with references; `score_file` keeps the predicted ones.
+        references = datasets.read_coco_references(paths.references)
+        evaluated = [Example(key, [], {}, captions[0], captions) for key, captions in references.items()]
+    elif spec.data == "karpathy":
         evaluated = datasets.read_karpathy(paths.karpathy_json, paths.images, split, spec.name)
         if not evaluated:
             raise ValueError(f"{paths.karpathy_json}: no images in split {split!r}")

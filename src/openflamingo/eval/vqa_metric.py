@@ -1,18 +1,29 @@
-"""The official VQA accuracy (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py, master).
+"""VQA accuracy, in the three versions that published numbers use (selected by name, `--vqa-metric`).
 
-For each question: the prediction is normalised (punctuation, then digits/articles/contractions); the 10 human
-answers get the punctuation step only, and only when they are not all identical; then for every human answer, the
-prediction scores min(1, matches among the *other* answers / 3), and the question's accuracy is the mean of these
-leave-one-out scores. "Other" is decided by comparing whole answer records (answer text, confidence, id), exactly as
-the official script compares dicts: official files give every answer a distinct answer_id.
+All three score the same way once the answers are processed: for each of the human answer records, the
+prediction scores min(1, matches among the *other* records / 3), and the question's accuracy is the mean of
+these leave-one-out scores. "Other" is decided by comparing whole records (answer text, confidence, id),
+exactly as the official script compares dicts: official files give every answer a distinct answer_id. They
+differ in what is processed:
 
-The quirks of the official script are kept on purpose, because they decide what numbers mean:
-- ground-truth answers are never lower-cased or digit-mapped ("Two" in the annotations never matches);
+- `official` (default): GT-Vision-Lab/VQA `PythonEvaluationTools/vqaEvaluation/vqaEval.py` at its current
+  commit a013f00 (2021-03-11, "Fixed processing answers bug"). The prediction and the human answers get
+  newlines and tabs replaced by spaces and are stripped; then, only when the human answers are not all
+  identical, all of them and the prediction get the punctuation and the digit/article/contraction steps. When
+  the humans agree, answers must match exactly: one of the official authors explains on that repository's
+  issue #14 that answers about text in the image (OCR) must not be normalised. So against ten `yes`, a
+  prediction `Yes` or `yes.` scores 0.
+- `official-2017`: the same file before a013f00 (as released with VQA v2 in 2017). The prediction is always
+  normalised (whitespace, punctuation, digits/articles/contractions); the human answers get the punctuation
+  step only, and only when they are not all identical (compared as given, without the whitespace step). Ground
+  truth is therefore never lower-cased or digit-mapped: "two" in the annotations never matches.
+- `openflamingo`: OpenFlamingo 2.0.1's copy (`open_flamingo/eval/vqa_metric.py`), used for its paper's tables:
+  the prediction and every human answer get all steps, always.
+
+The quirks shared by all three are kept on purpose, because they decide what numbers mean:
 - `periodStrip` is written `(?!<=\\d)`, a lookahead, so any "." not followed by a digit is removed;
-- the official call `periodStrip.sub("", text, re.UNICODE)` passes re.UNICODE (32) as the *count*.
-OpenFlamingo's copy differs: it normalises ground-truth answers fully and always; use that only for comparisons
-with OpenFlamingo numbers on non-normalised annotations (official VQAv2/OK-VQA annotations are already normalised,
-so both agree there).
+- the call `periodStrip.sub("", text, re.UNICODE)` passes re.UNICODE (32) as the *count*;
+- whether a mark is deleted or replaced by a space depends on the *input* text, not on earlier replacements.
 """
 
 from __future__ import annotations
@@ -20,7 +31,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-# Verbatim tables from the official evaluation script.
+VQA_METRICS = ("official", "official-2017", "openflamingo")
+DEFAULT_VQA_METRIC = "official"
+
+# Verbatim tables from the official evaluation script (the same in all three versions).
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
@@ -79,21 +93,44 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(word, word) for word in words)
 
 
-def normalize_prediction(answer: str) -> str:
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+def clean_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[dict]) -> float:
+def normalize_answer(text: str) -> str:
+    """Every processing step of the official script: whitespace, punctuation, digits/articles/contractions."""
+    return process_digit_article(process_punctuation(clean_whitespace(text)))
+
+
+def check_vqa_metric(name: str) -> None:
+    if name not in VQA_METRICS:
+        raise ValueError(f"unknown VQA metric {name!r}; known: {', '.join(VQA_METRICS)}")
+
+
+def processed_answers(prediction: str, answers: list[str], metric: str) -> tuple[str, list[str]]:
+    """The prediction and the human answers as the chosen version compares them."""
+    check_vqa_metric(metric)
+    if metric == "official":
+        answers = [clean_whitespace(a) for a in answers]
+        if len(set(answers)) > 1:
+            return normalize_answer(prediction), [normalize_answer(a) for a in answers]
+        return clean_whitespace(prediction), answers
+    if metric == "official-2017":
+        if len(set(answers)) > 1:
+            answers = [process_punctuation(a) for a in answers]
+        return normalize_answer(prediction), answers
+    return normalize_answer(prediction), [normalize_answer(a) for a in answers]
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[dict | str], metric: str = DEFAULT_VQA_METRIC) -> float:
     """Accuracy in [0, 1] of one predicted answer against the annotation's answer records
     (`{"answer": ..., "answer_confidence": ..., "answer_id": ...}`; plain strings are accepted too)."""
     records = [dict(a) if isinstance(a, dict) else {"answer": a} for a in answers]
     if not records:
         raise ValueError("a VQA question needs at least one ground-truth answer")
-    predicted = normalize_prediction(prediction)
-    if len({r["answer"] for r in records}) > 1:
-        for record in records:
-            record["answer"] = process_punctuation(record["answer"])
+    predicted, texts = processed_answers(prediction, [r["answer"] for r in records], metric)
+    for record, text in zip(records, texts, strict=True):
+        record["answer"] = text
     scores = []
     for held_out in records:
         others = [r for r in records if r != held_out]
