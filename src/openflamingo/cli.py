@@ -23,19 +23,21 @@ def convert_open_flamingo(args: argparse.Namespace) -> None:
 
 
 def generate(args: argparse.Namespace) -> None:
+    import torch
     from PIL import Image
 
     from .model.checkpoint import load
-    from .model.inputs import prepare_inputs
+    from .model.inputs import prepare_inputs, to_device
 
-    model = load(args.checkpoint).eval()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load(args.checkpoint).to(device).eval()
     images = []
     for path in args.image:
         try:
             images.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: cannot read image ({error})") from None
-    inputs = prepare_inputs(model, [args.prompt], [images])
+    inputs = to_device(prepare_inputs(model, [args.prompt], [images]), device)
     output = model.generate(
         **inputs,
         max_new_tokens=args.max_new_tokens,
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=20)
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     gen.set_defaults(run=generate)
 
     from .data.cli import register as register_data

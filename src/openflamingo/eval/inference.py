@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..model.inputs import prepare_inputs
+from ..model.inputs import prepare_inputs, to_device
 from ..model.language import forward_accepts
 from .prompts import Prompt
 from .tasks import Decoding
@@ -38,7 +38,7 @@ def open_images(prompts: Sequence[Prompt]) -> list[list[Image.Image]]:
 
 def model_inputs(model, prompts: Sequence[Prompt], device: torch.device) -> dict:
     inputs = prepare_inputs(model, [p.text for p in prompts], open_images(prompts), padding_side="left")
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    return to_device(inputs, device)
 
 
 @torch.no_grad()

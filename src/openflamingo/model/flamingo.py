@@ -49,6 +49,8 @@ class MediaContext:
     media_mask: torch.Tensor | None = None
     # (B,) image index (1-based, 0 = none) of the last token processed, for cached continuation.
     images_seen: torch.Tensor | None = None
+    # The caller already checked that no token refers to a missing image (skips a device sync per call).
+    validated: bool = False
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def match_batch(self, batch_size: int) -> None:
@@ -164,7 +166,9 @@ class Flamingo(nn.Module):
         if ctx.document_ids is not None:
             text_time, media_floor = restart_per_document(is_media, text_time, ctx.document_ids)
         num_media, tokens_per_media = ctx.visual_tokens.shape[1:3]
-        if int(text_time.max()) > num_media:
+        # Generated tokens add no image (see above), so decoding steps need no check (and no device sync).
+        decoding = ctx.prompt_length is not None and num_cached >= ctx.prompt_length
+        if not (ctx.validated or decoding) and int(text_time.max()) > num_media:
             raise ValueError(f"input has more <image> tokens than images ({num_media} per sample)")
         ctx.images_seen = text_time[:, -1]
         ctx.media_mask = media_attention_mask(
@@ -192,7 +196,10 @@ class Flamingo(nn.Module):
     def _select_logit_positions(self, lm_head, inputs):
         if self._logits_at is None:
             return None
-        return (inputs[0][self._logits_at], *inputs[1:])
+        hidden = inputs[0]
+        if self._logits_at.dtype == torch.bool:
+            return (hidden[self._logits_at], *inputs[1:])
+        return (hidden.flatten(0, 1).index_select(0, self._logits_at), *inputs[1:])
 
     def _append_added_logits(self, lm_head, inputs, logits):
         return self.added_tokens.logits(inputs[0], logits)
@@ -219,11 +226,12 @@ class Flamingo(nn.Module):
         visual_tokens: torch.Tensor,
         prompt_length: int | None = None,
         document_ids: torch.Tensor | None = None,
+        validated: bool = False,
     ) -> Iterator[MediaContext]:
         """Condition every language-model call inside the block on `visual_tokens` (B, T_img, n, D_vis)."""
         if self._media is not None:
             raise RuntimeError("Flamingo.media() contexts cannot be nested")
-        self._media = MediaContext(visual_tokens, prompt_length, document_ids)
+        self._media = MediaContext(visual_tokens, prompt_length, document_ids, validated=validated)
         try:
             yield self._media
         finally:
@@ -244,20 +252,24 @@ class Flamingo(nn.Module):
         num_images: torch.Tensor | Sequence[int] | None = None,
         document_ids: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        validate_inputs: bool = True,
     ) -> FlamingoOutput:
         """Logits (and the loss when `labels` are given). `document_ids` (B, L) marks packed rows: 0 on padding,
         1, 2, ... per document; each document then sees only its own earlier tokens and its own images.
 
-        `logits_at` (B, L) bool computes the logits only at those positions, returned as (N, vocab) in row-major
-        order (training needs them only where a label follows, see `next_token_targets`; over a large vocabulary
-        the LM head is otherwise a large share of the step's time and memory)."""
-        self.check_inputs(input_ids, images, attention_mask, num_images)
+        `logits_at` computes the logits only at some positions, returned as (N, vocab) in row-major order: a (B, L)
+        bool mask, or the (N,) flat indices `b * L + l` (training needs them only where a label follows, see
+        `next_token_targets`; over a large vocabulary the LM head is otherwise a large share of the step's time and
+        memory). Indices select without the device sync a mask costs.
+
+        `validate_inputs=False` skips `check_inputs`, whose data-dependent checks each wait for the device; pass it
+        only for inputs already checked (the training loop checks each batch on the CPU before moving it)."""
+        if validate_inputs:
+            self.check_inputs(input_ids, images, attention_mask, num_images)
         if logits_at is not None and labels is not None:
             raise ValueError("pass labels or logits_at, not both: the loss needs the logits at every label")
-        if logits_at is not None and tuple(logits_at.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"logits_at shape {tuple(logits_at.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
+        if logits_at is not None:
+            _check_logits_at(logits_at, input_ids)
         lm_kwargs = {"input_ids": input_ids, "use_cache": False}
         if document_ids is None:
             lm_kwargs["attention_mask"] = attention_mask
@@ -269,7 +281,8 @@ class Flamingo(nn.Module):
             if images is None:
                 logits = self.language_model(**lm_kwargs).logits
             else:
-                with self.media(self.encode_images(images), document_ids=document_ids):
+                visual_tokens = self.encode_images(images)
+                with self.media(visual_tokens, document_ids=document_ids, validated=not validate_inputs):
                     logits = self.language_model(**lm_kwargs).logits
         finally:
             self._logits_at = None
@@ -327,7 +340,8 @@ class Flamingo(nn.Module):
             text_config.vocab_size = base
 
     def _position_ids(self, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        # Only left padding needs explicit positions; right-padded batches keep the LM's own arange.
+        # Only left padding needs explicit positions; right-padded batches keep the LM's own arange (on padding too,
+        # as OpenFlamingo computes it). Asking costs a device sync, as the LM's own mask check does anyway.
         if attention_mask is None or not self._lm_takes_position_ids or bool(attention_mask[:, 0].all()):
             return {}
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
@@ -336,15 +350,15 @@ class Flamingo(nn.Module):
         """Clear errors for inputs that would otherwise fail deep inside or silently ignore images."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be an integer tensor (B, L); got {_describe(input_ids)}")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, {self.vocab_size}); got [{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
+        # One device-to-host transfer for the data-dependent checks below.
+        low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size}); got [{low}, {high}]")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        media_counts = (input_ids == self.special_ids.media).sum(1)
+        media_counts = (input_ids == self.special_ids.media).sum(1).cpu()
         if images is None:
             if int(media_counts.max()) > 0:
                 raise ValueError("input_ids contain <image> tokens but no images were given")
@@ -357,12 +371,16 @@ class Flamingo(nn.Module):
                 f"images shape {tuple(images.shape)} does not fit input_ids {tuple(input_ids.shape)}: "
                 "need B equal and C = 3"
             )
-        expected = torch.full((B,), T) if num_images is None else torch.as_tensor(num_images).reshape(-1)
+        expected = (
+            torch.full((B,), T) if num_images is None else torch.as_tensor(num_images).reshape(-1).cpu()
+        )
         if expected.shape[0] != B or int(expected.max()) > T or int(expected.min()) < 0:
             raise ValueError(
                 f"num_images must hold B={B} counts between 0 and T_img={T}; got {expected.tolist()}"
             )
-        for b in range(B):
+        mismatched = (media_counts != expected).nonzero()
+        if len(mismatched):
+            b = int(mismatched[0])
             have, want = int(media_counts[b]), int(expected[b])
             if have > want:
                 raise ValueError(f"sample {b} has {have} <image> tokens but only {want} images")
@@ -371,6 +389,18 @@ class Flamingo(nn.Module):
                     f"sample {b} has {have} <image> tokens for {want} images, so images {have + 1}..{want} would be "
                     "ignored; pass num_images=[...] when the image tensor is padded"
                 )
+
+
+def _check_logits_at(logits_at: torch.Tensor, input_ids: torch.Tensor) -> None:
+    if logits_at.dtype == torch.bool:
+        if tuple(logits_at.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"logits_at shape {tuple(logits_at.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+    elif logits_at.ndim != 1 or logits_at.is_floating_point():
+        raise ValueError(
+            f"logits_at must be a (B, L) bool mask or (N,) flat indices; got {_describe(logits_at)}"
+        )
 
 
 def _describe(x) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -36,3 +37,15 @@ def prepare_inputs(
         "images": pixels if max_images else None,
         "num_images": torch.tensor([len(sample) for sample in images]),
     }
+
+
+def to_device(value: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """Every tensor in nested dicts/lists/tuples moved to `device` (a training micro-step is {dataset: {name:
+    tensor}}); other values unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device, non_blocking) for v in value)
+    return value

@@ -89,10 +89,11 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
 
-    def progress(self, steps: int, postfix: dict[str, str]) -> None:
+    def progress(self, steps: int, postfix: dict[str, str] | None = None) -> None:
         if self.bar is not None:
             self.bar.update(steps)
-            self.bar.set_postfix(postfix, refresh=False)
+            if postfix is not None:
+                self.bar.set_postfix(postfix, refresh=False)
 
     def write(self, message: str) -> None:
         if not self.enabled:

@@ -51,11 +51,47 @@ def measure_cpu_matmul_flops(n: int = 1024, trials: int = 5) -> float:
     return best
 
 
+def _with_query_heads(query_shape, shape):
+    """A key/value shape (B, H_kv, S, D) with the query's head count: grouped-query attention computes exactly
+    what multi-head attention over repeated key/value heads computes."""
+    return (*shape[:-3], query_shape[-3], *shape[-2:])
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    kv = (_with_query_heads(query_shape, key_shape), _with_query_heads(query_shape, value_shape))
+    return sdpa_flop_count(query_shape, *kv)
+
+
+def _sdpa_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+):
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    kv = (_with_query_heads(query_shape, key_shape), _with_query_heads(query_shape, value_shape))
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, *kv)
+
+
+def _sdpa_formulas() -> dict:
+    """FLOP formulas for the fused attention kernels that handle grouped-query attention (torch before 2.12
+    rejects its shapes, and does not count the CPU kernel at all)."""
+    aten = torch.ops.aten
+    forward = ["_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"]
+    forward += ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"]
+    formulas = {}
+    for name in forward:
+        for op, formula in ((name, _sdpa_flops), (f"{name}_backward", _sdpa_backward_flops)):
+            if hasattr(aten, op):
+                formulas[getattr(aten, op)] = formula
+    return formulas
+
+
 def count_flops():
     """Context manager counting FLOPs of what runs inside it (see the module docstring)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    return FlopCounterMode(display=False)
+    return FlopCounterMode(display=False, custom_mapping=_sdpa_formulas())
 
 
 def gate_values(model: nn.Module) -> dict[str, list[float]]:
@@ -72,17 +108,20 @@ def gate_values(model: nn.Module) -> dict[str, list[float]]:
 
 
 class Throughput:
-    """Per-step timing: wall time, time blocked on the data loader, tokens; and MFU from FLOPs per token."""
+    """Timing over a window of steps: wall time, time blocked on the data loader, tokens; and MFU from FLOPs per
+    token. Measured over windows, not single steps: a step only launches device work, so its wall time says when
+    the host finished launching, not when the device finished computing."""
 
     def __init__(self, peak_flops_per_device: float, world_size: int):
         self.peak = peak_flops_per_device * world_size
         self.flops_per_token: float | None = None
 
-    def summary(self, tokens: int, seconds: float, data_seconds: float) -> dict[str, float]:
+    def summary(self, tokens: float, seconds: float, data_seconds: float, steps: int) -> dict[str, float]:
+        """Rates over `steps` optimizer steps that took `seconds` in all, `data_seconds` of it waiting for data."""
         tokens_per_s = tokens / max(seconds, 1e-9)
         out = {
             "tokens_per_s": tokens_per_s,
-            "step_time_s": seconds,
+            "step_time_s": seconds / max(steps, 1),
             "data_wait_frac": data_seconds / max(seconds, 1e-9),
         }
         if self.flops_per_token is not None and self.peak > 0:
