@@ -354,3 +354,39 @@ def test_bf16_autocast_with_bf16_frozen_backbones(tokenizer_dir, tmp_path):
                 tiny_run(tokenizer_dir, tmp_path, precision={"autocast": "fp32", "frozen_dtype": "bf16"})
             )
         )
+
+
+def test_deterministic_mode_is_on_for_cpu_runs_and_restored_afterwards(tokenizer_dir, tmp_path, monkeypatch):
+    import openflamingo.train.loop as loop
+
+    seen = []
+    forward_backward = loop.forward_backward
+
+    def recording(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return forward_backward(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "forward_backward", recording)
+    run = tiny_run(tokenizer_dir, tmp_path / "default", train={"steps": 1}, checkpoint={"export": False})
+    train(config_of(run))
+    run = tiny_run(tokenizer_dir, tmp_path / "off", train={"steps": 1, "deterministic": False})
+    train(config_of(run))
+    assert seen == [True, True, False, False] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_an_op_without_a_deterministic_implementation_is_a_one_line_error(
+    tokenizer_dir, tmp_path, monkeypatch
+):
+    import openflamingo.train.loop as loop
+
+    def nondeterministic(*args, **kwargs):
+        raise RuntimeError(
+            "scatter_add_cuda_kernel does not have a deterministic implementation, but you set "
+            "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation..."
+        )
+
+    monkeypatch.setattr(loop, "forward_backward", nondeterministic)
+    with pytest.raises(
+        ValueError, match=r"^train.deterministic: scatter_add_cuda_kernel has no deterministic .*false"
+    ):
+        train(config_of(tiny_run(tokenizer_dir, tmp_path)))

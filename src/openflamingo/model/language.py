@@ -11,6 +11,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MEDIA_TOKEN = "<image>"
@@ -139,7 +140,12 @@ class AddedTokenEmbeddings(nn.Module):
     def embed(self, base: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         added = input_ids >= self.first_added
         base_embeds = base(input_ids.clamp(max=self.first_added - 1))
-        extra = self.input.to(base_embeds.dtype)[(input_ids - self.first_added).clamp(min=0)]
+        # A one-hot product rather than indexing the rows: the backward of indexing accumulates into the few rows
+        # with parallel adds in no fixed order (2 CPU threads, GPUs), so the gradient changed from run to run.
+        # The product picks each row exactly (x * 1 + 0), forward and backward are deterministic GEMMs.
+        rows = (input_ids - self.first_added).clamp(min=0)
+        one_hot = F.one_hot(rows, self.input.shape[0]).to(base_embeds.dtype)
+        extra = one_hot @ self.input.to(base_embeds.dtype)
         return torch.where(added[..., None], extra, base_embeds)
 
     def logits(self, hidden: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:

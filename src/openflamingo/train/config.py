@@ -67,6 +67,9 @@ class TrainConfig:
     seed: int = 0
     max_nonfinite_in_row: int = 5  # NaN/inf steps are skipped; this many in a row stop the run
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK when available, else cpu) | "cpu" | "cuda"
+    # torch.use_deterministic_algorithms for the run: reruns and resumes give bitwise-identical results (README,
+    # "Reproducibility"). Unset: on for CPUs (costs little there), off for GPUs (deterministic kernels are slower).
+    deterministic: bool | None = None
     output_dir: str = "runs/default"
 
 

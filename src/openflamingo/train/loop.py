@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,7 +28,7 @@ from ..model.flamingo import Flamingo
 from ..model.inputs import to_device
 from . import distributed
 from .checkpoint import Checkpointer, export_final, restore_rng
-from .config import RunConfig, to_toml
+from .config import RunConfig, TrainConfig, to_toml
 from .data import build_loader
 from .logger import MetricLogger
 from .metrics import Throughput, count_flops, gate_values, peak_flops
@@ -94,14 +96,41 @@ def measure_flops_per_token(
 
 
 def train(config: RunConfig) -> TrainResult:
-    dist = distributed.setup(config.train.device)
-    try:
-        result = _train(config, dist)
-    except BaseException:
-        distributed.teardown(dist, finished=False)
-        raise
-    distributed.teardown(dist)
+    with deterministic_algorithms(config.train):
+        dist = distributed.setup(config.train.device)
+        try:
+            result = _train(config, dist)
+        except BaseException as error:
+            distributed.teardown(dist, finished=False)
+            if isinstance(error, RuntimeError) and "does not have a deterministic implementation" in str(
+                error
+            ):
+                op = str(error).split(" does not have", 1)[0].strip()
+                raise ValueError(
+                    f"train.deterministic: {op} has no deterministic implementation on this device; "
+                    "set --train.deterministic false to run without the guarantee"
+                ) from None
+            raise
+        distributed.teardown(dist)
     return result
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(config: TrainConfig) -> Iterator[None]:
+    """torch's deterministic algorithms for the run (restored afterwards: training is also a library call)."""
+    on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    enabled = config.deterministic if config.deterministic is not None else not on_gpu
+    if enabled and on_gpu:
+        # cuBLAS picks reduction orders per stream unless its workspace is fixed; read when cuBLAS starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.deterministic = previous[1]
 
 
 def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
