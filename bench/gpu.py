@@ -442,10 +442,11 @@ def run_ours(args: argparse.Namespace, shape: Shape, dev: torch.device, rec: Rec
         VisionConfig,
         build_flamingo,
     )
-    from openflamingo.model.flamingo import next_token_targets
+    from openflamingo.model.inputs import to_device
     from openflamingo.train.config import TrainConfig
     from openflamingo.train.optim import build_optimizer
     from openflamingo.train.parallelize import cast_frozen
+    from openflamingo.train.prefetch import prepare_batch
 
     started = time.perf_counter()
     config = FlamingoConfig(
@@ -482,16 +483,18 @@ def run_ours(args: argparse.Namespace, shape: Shape, dev: torch.device, rec: Rec
     def make_step(
         opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], batch: Batch
     ) -> Callable[..., None]:
-        batch = batch.to(dev)
-        positions, targets = next_token_targets(batch.labels)
+        # What the training loop's step runs on a micro-batch (train/loop.py forward_backward): checked and
+        # prepared on the CPU (logit positions as indices, targets), then only device work, no host sync.
+        loader_batch = dict(
+            input_ids=batch.ids, attention_mask=batch.attn, labels=batch.labels, images=batch.images
+        )
+        prepared = to_device(prepare_batch(model, loader_batch), dev)
 
         def step(mark: Callable[[str], None] = lambda phase: None) -> None:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(
-                    input_ids=batch.ids, images=batch.images, attention_mask=batch.attn, logits_at=positions
-                ).logits
+                logits = model(**prepared["inputs"], validate_inputs=False).logits
             mark("forward")
-            F.cross_entropy(logits.float(), targets).backward()
+            F.cross_entropy(logits.float(), prepared["targets"]).backward()
             mark("backward")
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             mark("clip")
