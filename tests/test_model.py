@@ -219,3 +219,22 @@ def test_small_latent_init_lets_the_perceiver_output_follow_the_image():
 
     # OpenFlamingo's N(0, 1) latents swamp the image-dependent part of the output.
     assert spread_across_images(0.02) > 3 * spread_across_images(1.0)
+
+
+def test_padding_image_slots_are_not_encoded_and_change_nothing(tokenizer_dir, monkeypatch):
+    """A batch with fewer images in some samples encodes only the real ones, and each sample computes what it
+    computes alone."""
+    model = build_flamingo(tiny_config(tokenizer_dir), seed=0).eval()
+    inputs = batch(model, TEXTS, [2, 1])
+    encoded = []
+    vision = model.vision_encoder.forward
+    monkeypatch.setattr(model.vision_encoder, "forward", lambda x: encoded.append(len(x)) or vision(x))
+    together = model(**inputs).logits
+    assert encoded == [3]  # not 4: the second sample's padding slot is skipped
+    for b in range(2):
+        length = int(inputs["attention_mask"][b].sum())
+        alone = model(
+            input_ids=inputs["input_ids"][b : b + 1, -length:],
+            images=inputs["images"][b : b + 1, : inputs["num_images"][b]],
+        ).logits
+        torch.testing.assert_close(together[b : b + 1, -length:], alone, rtol=1e-5, atol=1e-5)

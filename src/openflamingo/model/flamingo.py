@@ -237,11 +237,27 @@ class Flamingo(nn.Module):
         finally:
             self._media = None
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, T_img, F, C, H, W) -> visual tokens (B, T_img, num_latents, D_vis)."""
+    def encode_images(
+        self, images: torch.Tensor, num_images: torch.Tensor | Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """images (B, T_img, F, C, H, W) -> visual tokens (B, T_img, num_latents, D_vis).
+
+        With `num_images` (B,), only the real images are encoded: the padding slots of a batch (samples with fewer
+        images than T_img; packed rows often leave many) get zero tokens, which no text token attends to. Pass it
+        as a list, or a CPU tensor, to avoid a device sync."""
         B, T, num_frames = images.shape[:3]
-        tokens = self.vision_encoder(images.flatten(0, 2))
-        return self.perceiver(tokens.unflatten(0, (B, T, num_frames)))
+        real = None
+        if num_images is not None:
+            real = (torch.arange(T) < torch.as_tensor(num_images, device="cpu").reshape(-1, 1)).flatten()
+        if real is None or bool(real.all()):
+            tokens = self.vision_encoder(images.flatten(0, 2))
+            return self.perceiver(tokens.unflatten(0, (B, T, num_frames)))
+        index = real.nonzero().squeeze(1).to(images.device, non_blocking=True)
+        selected = images.flatten(0, 1).index_select(0, index)  # (N, F, C, H, W)
+        tokens = self.vision_encoder(selected.flatten(0, 1))
+        visual = self.perceiver(tokens.unflatten(0, (1, len(index), num_frames)))[0]  # (N, n, D)
+        out = visual.new_zeros(B * T, *visual.shape[1:]).index_copy(0, index, visual)
+        return out.unflatten(0, (B, T))
 
     def forward(
         self,
@@ -281,7 +297,7 @@ class Flamingo(nn.Module):
             if images is None:
                 logits = self.language_model(**lm_kwargs).logits
             else:
-                visual_tokens = self.encode_images(images)
+                visual_tokens = self.encode_images(images, num_images)
                 with self.media(visual_tokens, document_ids=document_ids, validated=not validate_inputs):
                     logits = self.language_model(**lm_kwargs).logits
         finally:
@@ -325,7 +341,7 @@ class Flamingo(nn.Module):
         with self._config_vocab_includes_added_tokens():
             if images is None:
                 return self.language_model.generate(**lm_kwargs)
-            with self.media(self.encode_images(images), prompt_length=input_ids.shape[1]):
+            with self.media(self.encode_images(images, num_images), prompt_length=input_ids.shape[1]):
                 return self.language_model.generate(**lm_kwargs)
 
     @contextmanager

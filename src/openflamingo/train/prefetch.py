@@ -36,6 +36,10 @@ def prepare_batch(model: Flamingo, batch: Batch) -> Batch:
     mask = batch.get("attention_mask")
     tokens = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if (
+        "num_images" in inputs
+    ):  # a list stays on the host: the model picks the real images without a device sync
+        inputs["num_images"] = inputs["num_images"].tolist()
     if mask is not None and bool(mask.all()):
         # No padding: without a mask the LM takes its causal fast path (flash attention) and does not ask the
         # device whether the mask has padding.
