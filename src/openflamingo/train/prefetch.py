@@ -28,17 +28,17 @@ Batch = dict[str, Any]
 def prepare_batch(model: Flamingo, batch: Batch) -> Batch:
     """A loader batch as the training step takes it: inputs checked (errors name the problem, as the model's own
     forward would), logits requested only where a label follows (as flat indices), the labels those positions
-    predict, and the counts of loss tokens and real tokens (0-d tensors: they travel with the batch)."""
+    predict, the number of loss tokens (a 0-d tensor: it travels with the batch to the device, where the loss is
+    normalised) and of real tokens (a float: throughput is counted on the host)."""
     model.check_inputs(
         batch["input_ids"], batch.get("images"), batch.get("attention_mask"), batch.get("num_images")
     )
     positions, targets = next_token_targets(batch["labels"], batch.get("document_ids"))
     mask = batch.get("attention_mask")
-    tokens = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
+    tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if (
-        "num_images" in inputs
-    ):  # a list stays on the host: the model picks the real images without a device sync
+    if "num_images" in inputs:
+        # A list stays on the host: the model picks the real images without a device sync.
         inputs["num_images"] = inputs["num_images"].tolist()
     if mask is not None and bool(mask.all()):
         # No padding: without a mask the LM takes its causal fast path (flash attention) and does not ask the
@@ -48,7 +48,7 @@ def prepare_batch(model: Flamingo, batch: Batch) -> Batch:
         "inputs": {**inputs, "logits_at": positions.flatten().nonzero().squeeze(1)},
         "targets": targets,
         "loss_tokens": torch.tensor(len(targets), dtype=torch.float64),
-        "tokens": tokens.to(torch.float64),
+        "tokens": float(tokens),  # for throughput, on the host
     }
 
 
