@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import _launch, records
+from test_train import _launch, kill_after_logged_steps, records
 
 from openflamingo.train import train
 from openflamingo.train.config import RunConfig, load_config, to_toml
@@ -79,15 +77,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(reference, tm
     config_path = tmp_path / "run.toml"
     config_path.write_text(to_toml(short_demo(tmp_path / "run").to_dict()))
     kill_after = int(torch.randint(3, STEPS, (1,), generator=torch.Generator().manual_seed(os.getpid())))
-    process = _launch(config_path)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after):
-        assert process.poll() is None, process.stdout.read().decode()
-        assert time.monotonic() < deadline, "training did not progress"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_logged_steps(config_path, tmp_path / "run" / "metrics.jsonl", kill_after, timeout=600)
     resumed = _launch(config_path)
     output = resumed.communicate(timeout=600)[0].decode()
     assert resumed.returncode == 0 and "resumed from" in output, output

@@ -264,6 +264,18 @@ def test_checkpoint_that_does_not_load_completely_is_an_error(tokenizer_dir, tmp
         train(config_of(tiny_run(tokenizer_dir, tmp_path, train={"steps": 4})))
 
 
+def kill_after_logged_steps(config_path: Path, metrics: Path, steps: int, timeout: float) -> None:
+    """Train from `config_path` in a child process and SIGKILL it once `metrics` has `steps` records."""
+    process = _launch(config_path)
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.monotonic() < deadline, "training did not progress"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def _launch(config_path: Path, **extra) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1", **extra)
     return subprocess.Popen(
@@ -290,15 +302,7 @@ def test_resume_after_sigkill_reproduces_losses_and_weights_bitwise(tokenizer_di
     config_path.write_text(to_toml(run))
 
     kill_after = 3 + int(torch.randint(0, 3, (1,), generator=torch.Generator().manual_seed(os.getpid())))
-    process = _launch(config_path)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after):
-        assert process.poll() is None, process.stdout.read().decode()
-        assert time.monotonic() < deadline, "training did not progress"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_logged_steps(config_path, tmp_path / "killed" / "metrics.jsonl", kill_after, timeout=120)
     assert not (tmp_path / "killed" / "final").exists()
 
     resumed = _launch(config_path)
