@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,13 +39,18 @@ def prepare_inputs(
     }
 
 
-def to_device(value: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
-    """Every tensor in nested dicts/lists/tuples moved to `device` (a training micro-step is {dataset: {name:
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
+    """`fn` applied to every tensor in nested dicts/lists/tuples (a training micro-step is {dataset: {name:
     tensor}}); other values unchanged."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=non_blocking)
+        return fn(value)
     if isinstance(value, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in value.items()}
+        return {k: map_tensors(fn, v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device, non_blocking) for v in value)
+        return type(value)(map_tensors(fn, v) for v in value)
     return value
+
+
+def to_device(value: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """Every tensor in nested dicts/lists/tuples moved to `device`."""
+    return map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking), value)

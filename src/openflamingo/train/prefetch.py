@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..model.flamingo import Flamingo, next_token_targets
-from ..model.inputs import to_device
+from ..model.inputs import map_tensors, to_device
 from .data import TrainLoader
 
 Batch = dict[str, Any]
@@ -50,17 +50,6 @@ def prepare_batch(model: Flamingo, batch: Batch) -> Batch:
         "loss_tokens": torch.tensor(len(targets), dtype=torch.float64),
         "tokens": float(tokens),  # for throughput, on the host
     }
-
-
-def pin(value: Any) -> Any:
-    """Page-locked copies, so host-to-GPU copies run asynchronously."""
-    if isinstance(value, torch.Tensor):
-        return value.pin_memory()
-    if isinstance(value, dict):
-        return {k: pin(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(pin(v) for v in value)
-    return value
 
 
 class _Finished:
@@ -100,7 +89,9 @@ class DevicePrefetcher:
                 step = next(self.loader)
                 state = self.loader.state_dict()
                 prepared = {name: self.prepare(batch) for name, batch in step.items()}
-                item: Any = (pin(prepared) if self.pin else prepared, state)
+                # Page-locked memory, so the copies to the GPU run asynchronously.
+                pinned = map_tensors(torch.Tensor.pin_memory, prepared) if self.pin else prepared
+                item: Any = (pinned, state)
             except BaseException as error:  # StopIteration included: the main thread re-raises it
                 item = _Finished(error)
             while not self._stop.is_set():
