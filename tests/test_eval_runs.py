@@ -346,12 +346,12 @@ def test_rices_run_has_one_trial_and_writes_the_feature_cache(checkpoint, tmp_pa
 
 def test_a_space_before_the_answer_moves_into_the_answer():
     from openflamingo.eval.prompts import answer_follows_space, build_prompt
-    from openflamingo.eval.tasks import PromptFormat
+    from openflamingo.eval.tasks import TaskPrompt
 
     class Query:
         id, fields, images, target = "q", {"question": "what colour?"}, [["img.png"]], "blue"
 
-    spaced = PromptFormat("<image>Question: {question} Short answer: {answer}", "")
+    spaced = TaskPrompt("<image>Question: {question} Short answer: {answer}", "")
     assert answer_follows_space(spaced.template) and not answer_follows_space("<image>Answer:{answer}")
     prompt = build_prompt(spaced, [], Query(), shots=0)
     assert prompt.text == "<image>Question: what colour? Short answer:"

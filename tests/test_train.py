@@ -63,6 +63,13 @@ def tiny_run(tokenizer_dir, output_dir, **sections) -> dict:
     return run
 
 
+# LoRA adapters plus one fully trained decoder layer: what fine-tuning recipes train besides the Flamingo parts.
+FINE_TUNED_LM = {
+    "lora": {"rank": 2, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"]},
+    "train_language_model_layers": [1],
+}
+
+
 def config_of(run: dict) -> RunConfig:
     return validate(from_dict(RunConfig, run, ""))
 
@@ -298,6 +305,7 @@ def test_resume_after_sigkill_reproduces_losses_and_weights_bitwise(tokenizer_di
     run = tiny_run(
         tokenizer_dir, tmp_path / "killed", train={"steps": steps}, checkpoint={"every": 2, "keep": 2}
     )
+    run["model"].update(FINE_TUNED_LM)  # the adapters and the trained layer resume exactly too
     config_path = tmp_path / "killed.toml"
     config_path.write_text(to_toml(run))
 
@@ -310,7 +318,9 @@ def test_resume_after_sigkill_reproduces_losses_and_weights_bitwise(tokenizer_di
     assert resumed.returncode == 0, output
     assert "resumed from" in output
 
-    reference = train(config_of(tiny_run(tokenizer_dir, tmp_path / "reference", train={"steps": steps})))
+    reference_run = tiny_run(tokenizer_dir, tmp_path / "reference", train={"steps": steps})
+    reference_run["model"].update(FINE_TUNED_LM)
+    reference = train(config_of(reference_run))
     logged = records(tmp_path / "killed")
     assert sorted(logged) == list(range(1, steps + 1))
     assert {
@@ -318,9 +328,10 @@ def test_resume_after_sigkill_reproduces_losses_and_weights_bitwise(tokenizer_di
     } == reference.losses  # bitwise: floats round-trip through JSON
     from safetensors.torch import load_file
 
-    ours, theirs = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("killed", "reference"))
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for file in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        ours, theirs = (load_file(tmp_path / d / "final" / file) for d in ("killed", "reference"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_compiled_and_checkpointed_training_matches_eager(tokenizer_dir, tmp_path):

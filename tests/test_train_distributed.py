@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import config_of, one_thread, tiny_run  # noqa: F401  (one_thread: autouse fixture)
+from test_train import FINE_TUNED_LM, config_of, one_thread, tiny_run  # noqa: F401  (one_thread: autouse)
 
 from openflamingo.train import train
 from openflamingo.train.config import to_toml
@@ -40,17 +40,20 @@ def logged_losses(output_dir: Path) -> dict[int, float]:
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
-    ours, theirs = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=key)
+    for file in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        ours, theirs = load_file(a / "final" / file), load_file(b / "final" / file)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.fixture(scope="module")
 def reference(tokenizer_dir, tmp_path_factory):
-    """The single-process run: same global batch per dataset, 2 micro-steps per optimizer step."""
+    """The single-process run: same global batch per dataset, 2 micro-steps per optimizer step. The LM is
+    fine-tuned too (LoRA adapters and one fully trained layer), so frozen and trained tensors share FSDP units."""
     root = tmp_path_factory.mktemp("distributed")
     run = tiny_run(tokenizer_dir, root / "single", train={"grad_accum": 2})
+    run["model"].update(FINE_TUNED_LM)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     result = train(config_of(run))

@@ -1,4 +1,4 @@
-"""The `openflamingo` command: train | eval | data | convert | generate."""
+"""The `openflamingo` command: train | eval | data | convert | generate | export."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from pathlib import Path
 
 def convert_open_flamingo(args: argparse.Namespace) -> None:
     from .model.convert import convert_open_flamingo_checkpoint
+    from .model.convert_mpt import convert_mosaic_gpt, is_remote_code_mpt
 
+    language_model = args.language_model
+    if is_remote_code_mpt(language_model):  # 3B / 9B releases: MosaicML remote code -> transformers MPT first
+        language_model = str(args.out) + "-language-model"
+        print(convert_mosaic_gpt(args.language_model, language_model, overwrite=args.overwrite).summary())
+        print(f"saved {language_model}")
     model, report = convert_open_flamingo_checkpoint(
         args.checkpoint,
-        args.language_model,
+        language_model,
         args.vision_encoder,
         heads=args.heads,
         decoder_layers_path=args.decoder_layers_path,
@@ -22,12 +28,20 @@ def convert_open_flamingo(args: argparse.Namespace) -> None:
     print(f"saved {args.out}")
 
 
+def convert_mosaic_gpt_directory(args: argparse.Namespace) -> None:
+    from .model.convert_mpt import convert_mosaic_gpt
+
+    print(convert_mosaic_gpt(args.directory, args.out, overwrite=args.overwrite).summary())
+    print(f"saved {args.out}")
+
+
 def generate(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image
 
     from .model.checkpoint import load
     from .model.inputs import prepare_inputs, to_device
+    from .model.prompt_format import MEDIA, Message
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load(args.checkpoint).to(device).eval()
@@ -37,7 +51,13 @@ def generate(args: argparse.Namespace) -> None:
             images.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: cannot read image ({error})") from None
-    inputs = to_device(prepare_inputs(model, [args.prompt], [images]), device)
+    prompt = args.prompt
+    if args.question is not None:  # written the way the model was trained (its recorded prompt format)
+        question = Message("user", MEDIA * len(images) + args.question)
+        prompt = model.config.prompt_format.render(
+            [question], model.tokenizer, add_generation_prompt=True
+        ).text
+    inputs = to_device(prepare_inputs(model, [prompt], [images]), device)
     output = model.generate(
         **inputs,
         max_new_tokens=args.max_new_tokens,
@@ -47,6 +67,29 @@ def generate(args: argparse.Namespace) -> None:
     )
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     print(model.tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+
+
+def export(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .model.checkpoint import load
+    from .model.lora import merge_lora
+
+    model = load(args.checkpoint)
+    if args.merge_lora:
+        if model.config.lora is None:
+            raise ValueError(f"{args.checkpoint} has no LoRA adapters to merge")
+        merged = merge_lora(model.language_model)
+        # The LM's weights now differ from the named one: the checkpoint stores them and describes the architecture.
+        model.config = dataclasses.replace(
+            model.config,
+            lora=None,
+            language_model=None,
+            language_model_config=model.language_model.config.to_dict(),
+        )
+        print(f"merged {merged} LoRA adapters into the language model")
+    model.save_pretrained(args.out, include_backbones=args.include_backbones, overwrite=args.overwrite)
+    print(f"saved {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,18 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     open_flamingo.add_argument("--overwrite", action="store_true")
     open_flamingo.set_defaults(run=convert_open_flamingo)
+    mosaic_gpt = sources.add_parser(
+        "mosaic-gpt",
+        help="a MosaicGPT / remote-code MPT directory -> transformers MptForCausalLM (no code is run)",
+    )
+    mosaic_gpt.add_argument("directory", type=Path, help="config.json + weights (+ tokenizer) as downloaded")
+    mosaic_gpt.add_argument("out", type=Path, help="directory for the converted language model")
+    mosaic_gpt.add_argument("--overwrite", action="store_true")
+    mosaic_gpt.set_defaults(run=convert_mosaic_gpt_directory)
 
     gen = commands.add_parser("generate", help="answer a prompt about images with a saved model")
     gen.add_argument("--checkpoint", type=Path, required=True)
     gen.add_argument("--image", type=Path, action="append", default=[], help="repeat for several images")
-    gen.add_argument(
-        "--prompt", required=True, help='with one <image> per image, e.g. "<image>Question: ... Answer:"'
+    text = gen.add_mutually_exclusive_group(required=True)
+    text.add_argument(
+        "--question", help="a question about the images, written in the model's recorded prompt format"
+    )
+    text.add_argument(
+        "--prompt", help='the raw prompt, one <image> per image, e.g. "<image>Question: ... Answer:"'
     )
     gen.add_argument("--max-new-tokens", type=int, default=20)
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     gen.set_defaults(run=generate)
+
+    exporter = commands.add_parser(
+        "export", help="re-save a checkpoint: merge LoRA adapters, store backbones"
+    )
+    exporter.add_argument("checkpoint", type=Path, help="a save_pretrained directory")
+    exporter.add_argument("out", type=Path, help="the new directory")
+    exporter.add_argument(
+        "--merge-lora", action="store_true", help="fold the LoRA adapters into the LM weights"
+    )
+    exporter.add_argument("--include-backbones", action="store_true", help="store LM and vision weights too")
+    exporter.add_argument("--overwrite", action="store_true")
+    exporter.set_defaults(run=export)
 
     from .data.cli import register as register_data
     from .eval.cli import register as register_eval

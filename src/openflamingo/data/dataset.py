@@ -282,7 +282,7 @@ class _WorkerStream:
     def _prepare(self, ref: tuple[int, int], sample: Sample, count: bool = True) -> PreparedSample | None:
         """Tokenize, decode and preprocess the images that survive truncation; None (counted) if bad."""
         try:
-            tokens = self.stream.formatter.format(sample.items)
+            tokens = self.stream.formatter.format_sample(sample)
             kept = sample.images[: tokens.num_images]
             images = [
                 decode_image(item.data, f"{sample.key}.{item.extension}", self.config.images) for item in kept

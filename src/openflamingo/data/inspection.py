@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from .images import ImageLimits, decode_image
-from .samples import BadSample, sample_from_members
+from .samples import BadSample, Conversation, sample_from_members
 from .shards import expand_shards, read_shard
 from .text import SampleFormatter
 
@@ -59,13 +59,16 @@ def inspect_shards(
                 kinds[sample.kind] += 1
                 images_per_sample[len(sample.images)] += 1
                 if formatter is not None:
-                    tokens = formatter.format(sample.items)
+                    tokens = formatter.format_sample(sample)
                     lengths.append(len(tokens.input_ids))
                     truncated += int(tokens.truncated)
                 else:
-                    lengths.append(
-                        sum(len(item.text.split()) for item in sample.items if hasattr(item, "text"))
+                    texts = (
+                        [turn.text for turn in sample.turns]
+                        if isinstance(sample, Conversation)
+                        else [item.text for item in sample.items if hasattr(item, "text")]
                     )
+                    lengths.append(sum(len(text.split()) for text in texts))
         except BadSample as error:  # truncated or unreadable shard
             count_bad(url, error.reason)
     return {

@@ -6,7 +6,11 @@ WebDataset does). Two layouts:
 - image-text pair (img2dataset's output, readable as is): `KEY.jpg|jpeg|png|webp` + `KEY.txt` (+ `KEY.json`);
 - interleaved document: `KEY.doc.json` = `{"items": [{"text": ...}, {"image": "0.jpg"}, ...]}` in reading order,
   each image item naming its member `KEY.0.jpg`; a text item with `"loss": false` is context the model reads but is
-  not trained to produce (a VQA question, a few-shot prompt).
+  not trained to produce (a VQA question, a few-shot prompt);
+- conversation: `KEY.conv.json` = `{"messages": [{"role": "user", "text": "<image>What is this?"}, {"role":
+  "assistant", "text": "A cat."}, ...], "images": ["0.jpg", ...]}`, one `<image>` marker per image in order. It is
+  rendered in the model's prompt format when loaded (plain Flamingo text or the LM's chat template), and only the
+  assistant turns are trained.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ IMAGE_TOO_LARGE = "image_too_large"
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 NO_IMAGE = "no_image"
 SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
+NO_ASSISTANT_TURN = "no_assistant_turn"
+BAD_ROLE = "bad_role"
 BAD_REASONS = (
     TRUNCATED_TAR,
     UNREADABLE_SHARD,
@@ -44,7 +50,10 @@ BAD_REASONS = (
     IMAGE_COUNT_MISMATCH,
     NO_IMAGE,
     SPECIAL_TOKEN_IN_TEXT,
+    NO_ASSISTANT_TURN,
+    BAD_ROLE,
 )
+ROLES = ("system", "user", "assistant")
 
 
 class BadSample(Exception):
@@ -135,7 +144,54 @@ class InterleavedDocument:
         return members
 
 
-Sample = ImageTextPair | InterleavedDocument
+@dataclass
+class Turn:
+    role: str  # "system" | "user" | "assistant"
+    text: str  # user turns hold one "<image>" marker per image
+
+
+@dataclass
+class Conversation:
+    key: str
+    turns: list[Turn]
+    images: list[ImageItem]  # in the order of the "<image>" markers
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    kind = "conversation"
+
+    def validate(self) -> None:
+        if not self.images:
+            raise BadSample(NO_IMAGE, f"conversation {self.key!r} has no image")
+        for i, turn in enumerate(self.turns):
+            if turn.role not in ROLES or (turn.role == "system" and i > 0):
+                raise BadSample(BAD_ROLE, f"conversation {self.key!r} turn {i} has role {turn.role!r}")
+            if "<|endofchunk|>" in turn.text or (turn.role != "user" and "<image>" in turn.text):
+                raise BadSample(SPECIAL_TOKEN_IN_TEXT, f"conversation {self.key!r} turn {i} ({turn.role})")
+        if not any(t.role == "assistant" and t.text.strip() for t in self.turns):
+            raise BadSample(NO_ASSISTANT_TURN, f"conversation {self.key!r} has no assistant answer")
+        markers = sum(turn.text.count("<image>") for turn in self.turns)
+        if markers != len(self.images):
+            raise BadSample(
+                IMAGE_COUNT_MISMATCH,
+                f"conversation {self.key!r} has {markers} <image> markers for {len(self.images)} images",
+            )
+        for image in self.images:
+            _check_image(self.key, image)
+
+    def to_members(self) -> dict[str, bytes]:
+        members: dict[str, bytes] = {}
+        for image in self.images:
+            members[f"{len(members)}.{image.extension.rsplit('.', 1)[-1]}"] = image.data
+        conversation = {
+            "messages": [{"role": t.role, "text": t.text} for t in self.turns],
+            "images": list(members),
+            **({"metadata": self.metadata} if self.metadata else {}),
+        }
+        members["conv.json"] = json.dumps(conversation, ensure_ascii=False).encode()
+        return members
+
+
+Sample = ImageTextPair | InterleavedDocument | Conversation
 
 
 def _check_text(key: str, text: str, allow_empty: bool = False) -> None:
@@ -170,6 +226,8 @@ def sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
     """Parse and validate one shard sample; raises BadSample naming the reason."""
     if "doc.json" in members:
         return _document_from_members(key, members)
+    if "conv.json" in members:
+        return _conversation_from_members(key, members)
     images = [ext for ext in members if ext.lower() in IMAGE_EXTENSIONS]
     if "txt" not in members or not images:
         raise BadSample(
@@ -217,5 +275,45 @@ def _document_from_members(key: str, members: dict[str, bytes]) -> InterleavedDo
         raise BadSample(IMAGE_COUNT_MISMATCH, f"document {key!r} has images {unused} that no item places")
     metadata = document.get("metadata", {})
     sample = InterleavedDocument(key, items, metadata if isinstance(metadata, dict) else {})
+    sample.validate()
+    return sample
+
+
+def _conversation_from_members(key: str, members: dict[str, bytes]) -> Conversation:
+    data = _json(key, "conv.json", members["conv.json"])
+    messages = data.get("messages") if isinstance(data, dict) else None
+    names = data.get("images", []) if isinstance(data, dict) else None
+    if not isinstance(messages, list) or not isinstance(names, list):
+        raise BadSample(MISSING_FIELD, f"conversation {key!r}: conv.json needs 'messages' and 'images' lists")
+    turns = []
+    for i, message in enumerate(messages):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("text"), str)
+        ):
+            raise BadSample(
+                MISSING_FIELD, f"conversation {key!r} message {i} needs 'role' and 'text' strings"
+            )
+        turns.append(Turn(message["role"], message["text"]))
+    missing = [name for name in names if not isinstance(name, str) or name not in members]
+    if missing:
+        raise BadSample(
+            IMAGE_COUNT_MISMATCH, f"conversation {key!r} names image {missing[0]!r}, not in the shard"
+        )
+    unused = sorted(
+        ext for ext in members if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and ext not in names
+    )
+    if unused:
+        raise BadSample(
+            IMAGE_COUNT_MISMATCH, f"conversation {key!r} has images {unused} that no message places"
+        )
+    metadata = data.get("metadata", {})
+    sample = Conversation(
+        key,
+        turns,
+        [ImageItem(members[name], name) for name in names],
+        metadata if isinstance(metadata, dict) else {},
+    )
     sample.validate()
     return sample

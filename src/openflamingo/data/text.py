@@ -7,15 +7,19 @@ items in a chunk are joined by a space). A pair is `<image>caption<|endofchunk|>
 Labels are the ids with -100 on: `<image>` tokens (the model never predicts an image), text before the first image
 (nothing to condition on; configurable), and text items marked `loss=False` (questions, prompts). `<|endofchunk|>`
 and EOS are trained, so the model learns to stop. Padding is masked later by the collator.
+
+Conversations are rendered in the model's prompt format (openflamingo.model.prompt_format) and only the assistant
+turns are trained, each with the token that closes it (`<|endofchunk|>`, or the chat template's end of turn).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..model.language import add_special_tokens
-from .samples import ImageItem, TextItem
+from ..model.prompt_format import Message, PromptFormat
+from .samples import Conversation, ImageItem, Sample, TextItem
 
 IGNORE_INDEX = -100
 
@@ -25,12 +29,15 @@ class FormatConfig:
     max_tokens: int = 256  # per sample, special tokens included
     max_images: int = 6  # per sample: image chunks beyond it are dropped (converters split them off instead)
     mask_text_before_first_image: bool = True
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)  # how conversations are written
 
     def __post_init__(self) -> None:
         if self.max_tokens < 8:
             raise ValueError(f"max_tokens={self.max_tokens} is too small to hold an image chunk; use >= 8")
         if self.max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
+        if isinstance(self.prompt_format, dict):  # from a TOML table
+            self.prompt_format = PromptFormat(**self.prompt_format)
 
 
 @dataclass
@@ -64,6 +71,43 @@ class SampleFormatter:
             )
         self.eos_id = tokenizer.eos_token_id
         self.leading_ids = _leading_special_ids(tokenizer)
+
+    def format_sample(self, sample: Sample) -> TokenizedSample:
+        if isinstance(sample, Conversation):
+            return self.format_conversation(sample)
+        return self.format(sample.items)
+
+    def format_conversation(self, conversation: Conversation) -> TokenizedSample:
+        """The rendered conversation, trained on its assistant turns only; cut at max_tokens (images whose
+        `<image>` token is cut are dropped with it)."""
+        prompt_format = self.config.prompt_format
+        messages = [Message(turn.role, turn.text) for turn in conversation.turns]
+        rendered = prompt_format.render(messages, self.tokenizer)
+        encoded = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids: list[int] = list(encoded["input_ids"])
+        trained = [
+            any(start <= begin < end for start, end in rendered.answer_spans)
+            for begin, _ in encoded["offset_mapping"]
+        ]
+        labels = [
+            IGNORE_INDEX if t == self.media_id or not on else t
+            for t, on in zip(input_ids, trained, strict=True)
+        ]
+        if prompt_format.kind == "flamingo":  # the chat template writes its own BOS and end of turn
+            input_ids = [*self.leading_ids, *input_ids, self.eos_id]
+            labels = [IGNORE_INDEX] * len(self.leading_ids) + labels + [self.eos_id]
+        truncated = len(input_ids) > self.config.max_tokens
+        input_ids, labels = input_ids[: self.config.max_tokens], labels[: self.config.max_tokens]
+        num_images = input_ids.count(self.media_id)
+        if num_images > self.config.max_images:
+            cut = [i for i, t in enumerate(input_ids) if t == self.media_id][self.config.max_images]
+            input_ids, labels, num_images, truncated = (
+                input_ids[:cut],
+                labels[:cut],
+                self.config.max_images,
+                True,
+            )
+        return TokenizedSample(input_ids, labels, num_images, truncated)
 
     def format(self, items: Sequence[TextItem | ImageItem]) -> TokenizedSample:
         prefix, chunks = _split_at_images(items)

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..model.prompt_format import END_OF_CHUNK, MEDIA, Message, PromptFormat
 from .datasets import Example
-from .tasks import PromptFormat
+from .tasks import TaskPrompt
 
-END_OF_CHUNK = "<|endofchunk|>"
-MEDIA = "<image>"
+ChatFormat = tuple[PromptFormat, object]  # a chat-kind prompt format and the tokenizer whose template it uses
+
 FLAMINGO_ZERO_SHOT_DEMOS = (
     2  # Flamingo (Alayrac et al. 2022, appendix) and OpenFlamingo's zero-shot convention
 )
@@ -48,14 +49,43 @@ def fill(template: str, example: Example, answer: str) -> str:
         ) from None
 
 
+def chat_format(model) -> ChatFormat | None:
+    """What `build_prompt` needs for a model whose recorded prompt format is its LM's chat template."""
+    prompt_format = model.config.prompt_format
+    return (prompt_format, model.tokenizer) if prompt_format.kind == "chat" else None
+
+
+def _chat_prompt(
+    fmt: TaskPrompt, demos: list[Example], query: Example, shots: int, chat: ChatFormat
+) -> Prompt:
+    prompt_format, tokenizer = chat
+    question = fmt.template.split("{answer}", 1)[0]
+    messages, images = [], []
+    for demo in demos:
+        text = fill(question, demo, "").strip()
+        messages += [
+            Message("user", text if shots else text.replace(MEDIA, "")),
+            Message("assistant", demo.target.strip()),
+        ]
+        images += [candidates[0] for candidates in demo.images] if shots else []
+    messages.append(Message("user", fill(question, query, "").strip()))
+    images += [candidates[0] for candidates in query.images]
+    return Prompt(prompt_format.render(messages, tokenizer, add_generation_prompt=True).text, images)
+
+
 def answer_follows_space(template: str) -> bool:
     """ "Answer: {answer}" rather than OpenFlamingo's "Answer:{answer}": then answers are scored/generated with
     their leading space, the way a BPE tokenizer splits "Answer: blue" (":" + " blue")."""
     return template.split("{answer}", 1)[0].endswith(" ")
 
 
-def build_prompt(fmt: PromptFormat, demos: list[Example], query: Example, shots: int) -> Prompt:
-    """Demonstrations (with their images when shots > 0, text only for zero-shot) followed by the query."""
+def build_prompt(
+    fmt: TaskPrompt, demos: list[Example], query: Example, shots: int, chat: ChatFormat | None = None
+) -> Prompt:
+    """Demonstrations (with their images when shots > 0, text only for zero-shot) followed by the query; with
+    `chat` (a model trained on its LM's chat template) each example is a user turn and its answer the reply."""
+    if chat is not None:
+        return _chat_prompt(fmt, demos, query, shots, chat)
     parts, images = [], []
     for demo in demos:
         text = fill(fmt.template, demo, demo.target.strip()) + END_OF_CHUNK + fmt.separator

@@ -25,8 +25,8 @@ from .datasets import Example, resolve_images
 from .demos import RandomDemos, RicesDemos, demo_pool_error
 from .distributed import Ranks, gather, init_ranks, shard
 from .metrics import check_cider_available, score_task
-from .prompts import answer_follows_space, build_prompt, num_demos, postprocessor
-from .tasks import DataPaths, PromptFormat, TaskData, TaskSpec, describe, get_task, load_task_data
+from .prompts import answer_follows_space, build_prompt, chat_format, num_demos, postprocessor
+from .tasks import DataPaths, TaskData, TaskPrompt, TaskSpec, describe, get_task, load_task_data
 from .vqa_metric import DEFAULT_VQA_METRIC, check_vqa_metric
 
 DEFAULT_FIRST_SEED = 42  # OpenFlamingo's default trial seed; further trials use 43, 44, ...
@@ -81,7 +81,7 @@ class PreparedRun:
 
 def effective_spec(config: EvalConfig) -> TaskSpec:
     spec = get_task(config.task)
-    prompt = PromptFormat(
+    prompt = TaskPrompt(
         config.prompt if config.prompt is not None else spec.prompt.template,
         config.separator if config.separator is not None else spec.prompt.separator,
     )
@@ -148,7 +148,8 @@ def run(model, prepared: PreparedRun) -> dict | None:
     indexed = shard(list(enumerate(prepared.evaluated)), ranks)
     class_ids = None
     if spec.kind == "rank":
-        space = " " if answer_follows_space(spec.prompt.template) else ""
+        follows_space = answer_follows_space(spec.prompt.template) and chat_format(model) is None
+        space = " " if follows_space else ""
         class_ids = inference.tokenize_class_names(
             model.tokenizer, [space + n for n in prepared.data.class_names]
         )
@@ -207,7 +208,10 @@ def run_trial(
     records = []
     for batch in tqdm(batches, desc=label, disable=not (config.progress and ranks.is_main)):
         demos = [selector.select(example, count) if count else [] for _, example in batch]
-        prompts = [build_prompt(spec.prompt, d, e, shots) for d, (_, e) in zip(demos, batch, strict=True)]
+        chat = chat_format(model)
+        prompts = [
+            build_prompt(spec.prompt, d, e, shots, chat) for d, (_, e) in zip(demos, batch, strict=True)
+        ]
         if spec.kind == "generate":
             raw = inference.generate(model, prompts, spec.decoding, device)
             answers = [prepared.postprocess(text) for text in raw]
@@ -232,7 +236,7 @@ def rank_with_ensembles(model, prepared, demos, examples, shots, seed, class_ids
     total = None
     for k in range(len(orders_per_example[0])):
         prompts = [
-            build_prompt(spec.prompt, orders[k], e, shots)
+            build_prompt(spec.prompt, orders[k], e, shots, chat_format(model))
             for orders, e in zip(orders_per_example, examples, strict=True)
         ]
         scores = inference.rank_classes(

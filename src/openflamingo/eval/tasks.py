@@ -17,7 +17,7 @@ from .imagenet_classes import IMAGENET_CLASSNAMES
 
 
 @dataclass
-class PromptFormat:
+class TaskPrompt:
     """`template` is one example; `{answer}` is where a demonstration's answer goes and where the query ends.
     A demonstration is the filled template + "<|endofchunk|>" + `separator`."""
 
@@ -39,7 +39,7 @@ class TaskSpec:
     kind: str  # "generate": free-form answers; "rank": rank class names by log-likelihood
     metric: str  # the headline metric (mean/std over trials are reported for it)
     data: str  # which reader: karpathy, vqa, imagefolder, hateful_memes, nlvr2, easy_vqa
-    prompt: PromptFormat
+    prompt: TaskPrompt
     decoding: Decoding = field(default_factory=Decoding)
     postprocess: str = "none"  # caption | vqa | okvqa | none
     class_names: tuple[str, ...] | None = None  # fixed label set of rank tasks (None: read from the data)
@@ -47,8 +47,8 @@ class TaskSpec:
     description: str = ""
 
 
-CAPTION = PromptFormat("<image>Output:{answer}", "\n")
-VQA = PromptFormat("<image>Question:{question} Short answer:{answer}", "\n")
+CAPTION = TaskPrompt("<image>Output:{answer}", "\n")
+VQA = TaskPrompt("<image>Question:{question} Short answer:{answer}", "\n")
 
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
@@ -65,13 +65,13 @@ TASKS: dict[str, TaskSpec] = {
                  description="TextVQA (VQAv2 format), VQA accuracy"),
         TaskSpec("vizwiz", "generate", "vqa_accuracy", "vqa", VQA, Decoding(5), "vqa",
                  description="VizWiz (VQAv2 format), VQA accuracy"),
-        TaskSpec("imagenet", "rank", "top1", "imagefolder", PromptFormat("<image>Output:{answer}"),
+        TaskSpec("imagenet", "rank", "top1", "imagefolder", TaskPrompt("<image>Output:{answer}"),
                  default_split="val", description="ImageNet-1k ImageFolder, top-1/top-5 by class-name likelihood"),
         TaskSpec("hateful_memes", "rank", "roc_auc", "hateful_memes",
-                 PromptFormat("<image>is an image with: '{text}' written on it. Is it hateful? Answer:{answer}"),
+                 TaskPrompt("<image>is an image with: '{text}' written on it. Is it hateful? Answer:{answer}"),
                  class_names=("no", "yes"), description="Hateful Memes, ROC AUC of P(yes)"),
         TaskSpec("nlvr2", "rank", "accuracy", "nlvr2",
-                 PromptFormat("<image>Left image. <image>Right image. Statement: {sentence} True or false? "
+                 TaskPrompt("<image>Left image. <image>Right image. Statement: {sentence} True or false? "
                               "Answer:{answer}"),
                  class_names=("true", "false"), default_split="dev", description="NLVR2, two images, accuracy"),
         TaskSpec("easy_vqa", "rank", "accuracy", "easy_vqa", VQA, default_split="test",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from .config import FlamingoConfig
+from .convert_mpt import add_qk_layernorm, is_remote_code_mpt, load_mpt_with_qk_layernorm, uses_qk_layernorm
 from .flamingo import Flamingo
+from .lora import inject_lora
 from .vision import build_vision_encoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # backbones come from packages or local paths, never the hub
@@ -23,6 +26,8 @@ def build_language_model(config: FlamingoConfig):
         if model_type is None:
             raise ValueError("language_model_config needs a 'model_type' (e.g. 'llama')")
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **lm_config))
+        if uses_qk_layernorm(lm.config):
+            add_qk_layernorm(lm)
         lm_dir = None
     else:
         if config.language_model is None:
@@ -32,7 +37,14 @@ def build_language_model(config: FlamingoConfig):
         from ..backbones import resolve_language_model
 
         lm_dir = resolve_language_model(config.language_model)
-        lm = AutoModelForCausalLM.from_pretrained(lm_dir)
+        if is_remote_code_mpt(lm_dir):
+            raise ValueError(
+                f"{lm_dir} holds MosaicML remote code; convert it first: openflamingo convert mosaic-gpt {lm_dir} OUT"
+            )
+        if uses_qk_layernorm(json.loads((lm_dir / "config.json").read_text())):
+            lm = load_mpt_with_qk_layernorm(lm_dir)  # an option transformers' MPT lacks (convert_mpt.py)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(lm_dir)
     tokenizer_source = config.tokenizer or lm_dir
     if tokenizer_source is None:
         raise ValueError("FlamingoConfig.tokenizer is required when the LM comes from language_model_config")
@@ -41,9 +53,19 @@ def build_language_model(config: FlamingoConfig):
 
 
 def build_flamingo(config: FlamingoConfig, seed: int | None = None) -> Flamingo:
-    """A Flamingo model with frozen backbones and freshly initialised new parts (seeded when `seed` is given)."""
+    """A Flamingo model with frozen backbones and freshly initialised new parts (seeded when `seed` is given).
+
+    With `config.init_from` every weight of that checkpoint is loaded instead (strictly); LoRA adapters are added
+    after the weights they adapt are in place."""
+    if config.init_from is not None:
+        from .checkpoint import load
+
+        return load(config.init_from, config=config, seed=seed)
     lm, tokenizer = build_language_model(config)
     vision = build_vision_encoder(config.vision).eval()
     if seed is not None:
         torch.manual_seed(seed)
-    return Flamingo(config, vision, lm, tokenizer)
+    model = Flamingo(config, vision, lm, tokenizer)
+    if config.lora is not None:
+        inject_lora(lm, config.lora)
+    return model

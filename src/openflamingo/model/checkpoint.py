@@ -11,7 +11,9 @@ import dataclasses
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .build import build_flamingo
 from .config import FlamingoConfig
 from .flamingo import Flamingo
+from .lora import ADAPTER_DIR, inject_lora, is_lora_key, load_adapter, plain_key, save_adapter
 
 FORMAT = "openflamingo"
 FORMAT_VERSION = 1
@@ -37,19 +40,25 @@ def _stored_backbones(config: FlamingoConfig, include_backbones: bool) -> tuple[
     return ("language_model.",) * lm + ("vision_encoder.",) * vision
 
 
-def _stored_keys(model: Flamingo, include_backbones: bool) -> list[str]:
-    """Parameters a checkpoint holds: everything outside the backbones, plus the backbones that must be stored."""
-    stored_backbones = _stored_backbones(model.config, include_backbones)
+def stored_keys(
+    config: FlamingoConfig, names: Iterable[str], include_backbones: bool, decoder_layers_path: str
+) -> list[str]:
+    """Tensors `model.safetensors` holds, by plain name (LoRA adapters go to their own file): everything outside the
+    backbones, the backbones that must be stored, and fully trained LM layers."""
+    stored = _stored_backbones(config, include_backbones) + tuple(
+        f"language_model.{decoder_layers_path}.{i}." for i in config.train_language_model_layers
+    )
     return [
-        name
-        for name in model.state_dict()
-        if not name.startswith(BACKBONES) or name.startswith(stored_backbones)
+        plain_key(name)
+        for name in names
+        if not is_lora_key(name) and (not name.startswith(BACKBONES) or name.startswith(stored))
     ]
 
 
 def _self_contained(model: Flamingo, include_backbones: bool) -> FlamingoConfig:
-    """The config to save: backbones stored in the checkpoint are described by architecture, not by path."""
-    config = model.config
+    """The config to save: backbones stored in the checkpoint are described by architecture, not by path, and the
+    weights a run started from are in the checkpoint itself."""
+    config = dataclasses.replace(model.config, init_from=None)
     stored = _stored_backbones(config, include_backbones)
     if "language_model." in stored:
         config = dataclasses.replace(
@@ -70,11 +79,13 @@ def save_pretrained(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        state = model.state_dict()
-        tensors = {k: state[k].detach().contiguous().cpu() for k in _stored_keys(model, include_backbones)}
+        state = {plain_key(k): v for k, v in model.state_dict().items() if not is_lora_key(k)}
+        keys = stored_keys(model.config, model.state_dict(), include_backbones, model.decoder_layers_path)
         # Tied weights share storage; safetensors refuses aliases, so store each tensor as its own copy.
-        tensors = {k: v.clone() for k, v in tensors.items()}
+        tensors = {k: state[k].detach().contiguous().cpu().clone() for k in keys}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": FORMAT})
+        if model.config.lora is not None:
+            save_adapter(model.language_model, model.config.lora, tmp / ADAPTER_DIR)
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {
             "format": FORMAT,
@@ -107,21 +118,91 @@ def read_config(directory: str | Path) -> dict:
     return meta
 
 
-def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Flamingo:
-    """Rebuild a model saved with `save_pretrained`; every stored tensor must load, and every expected one exist."""
+def load(
+    directory: str | Path,
+    map_location: str | torch.device = "cpu",
+    config: FlamingoConfig | None = None,
+    seed: int | None = None,
+) -> Flamingo:
+    """Rebuild a model saved with `save_pretrained`; every stored tensor must load, and every expected one exist.
+
+    `config` (from `init_config`) builds the model with other training choices (what trains, LoRA, prompt
+    format) around the same architecture: how a fine-tuning run starts from saved weights."""
     directory = Path(directory)
     meta = read_config(directory)
-    config = FlamingoConfig.from_dict(meta["flamingo"])
-    config = dataclasses.replace(config, tokenizer=str(directory / "tokenizer"))
-    model = build_flamingo(config)
+    saved = FlamingoConfig.from_dict(meta["flamingo"])
+    config = dataclasses.replace(config or saved, tokenizer=str(directory / "tokenizer"), init_from=None)
+    if saved.lora is not None and config.lora != saved.lora:
+        raise ValueError(
+            f"{directory} has LoRA adapters {saved.lora}; merge them first "
+            f"(openflamingo export --merge-lora {directory} OUT) or use the same [model.lora]"
+        )
+    model = build_flamingo(dataclasses.replace(config, lora=None), seed=seed)
     saved_ids = meta.get("special_token_ids", {})
     if saved_ids and saved_ids != dataclasses.asdict(model.special_ids):
         raise ValueError(
             f"{directory}: tokenizer special ids {dataclasses.asdict(model.special_ids)} != saved {saved_ids}"
         )
     state = load_file(directory / "model.safetensors", device=str(map_location))
-    load_strict(model, state, _stored_keys(model, meta.get("includes_backbones", False)), source=directory)
+    includes = meta.get("includes_backbones", False)
+    expected = stored_keys(saved, model.state_dict(), includes, model.decoder_layers_path)
+    load_strict(model, state, expected, source=directory)
+    if config.lora is not None:
+        if seed is not None:
+            torch.manual_seed(seed)
+        inject_lora(model.language_model, config.lora)
+        if saved.lora is not None:
+            load_adapter(model.language_model, directory / ADAPTER_DIR)
+    model.config = config
     return model.to(map_location)
+
+
+ARCHITECTURE_FREE = ("train_language_model", "train_vision_encoder", "train_language_model_layers", "lora")
+
+
+def init_config(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The model section of a run that starts from the weights in `recipe["init_from"]`: the checkpoint's own
+    architecture, with the recipe's choice of what trains (and its prompt format, else the checkpoint's). A recipe
+    key that describes the architecture must agree with the checkpoint; the error names the first that does not."""
+    directory = Path(recipe["init_from"])
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.init_from: {directory} is not a save_pretrained directory (no config.json)"
+        )
+    meta = read_config(directory)
+    saved = meta["flamingo"]
+    free = (*ARCHITECTURE_FREE, "prompt_format", "init_from")
+    architecture = {k: v for k, v in recipe.items() if k not in free}
+    ours = _flatten(FlamingoConfig.from_dict(architecture).to_dict())
+    theirs = _flatten(FlamingoConfig.from_dict(saved).to_dict())
+    for key in _flatten(architecture):
+        if ours.get(key) != theirs.get(key):
+            raise ValueError(
+                f"model.{key}: the recipe has {ours.get(key)!r} but init_from {directory} was built with "
+                f"{theirs.get(key)!r}; drop the key to use the checkpoint's"
+            )
+    trained = saved.get("train_language_model_layers") or []
+    kept = recipe.get("train_language_model_layers") or []
+    if not set(trained) <= set(kept):
+        raise ValueError(
+            f"model.train_language_model_layers: init_from {directory} trained LM layers {sorted(trained)}; keep "
+            f"them in the list, or their weights would not be saved"
+        )
+    model = {k: v for k, v in saved.items() if k not in free}
+    model["prompt_format"] = recipe.get("prompt_format", saved.get("prompt_format", {}))
+    model.update({k: recipe[k] for k in (*ARCHITECTURE_FREE, "init_from") if k in recipe})
+    return model
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys; sequences as lists, so TOML arrays and saved tuples compare equal."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value and key != "language_model_config":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))
+    return flat
 
 
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], expected: list[str], source) -> None:

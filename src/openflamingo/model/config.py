@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cross_attention import CrossAttentionConfig
+from .lora import LoraSettings
 from .perceiver import PerceiverConfig
+from .prompt_format import PromptFormat
 from .vision import VisionConfig
 
 
@@ -36,6 +38,28 @@ class FlamingoConfig:
     decoder_layers_path: str | None = None  # found automatically for common LMs
     train_language_model: bool = False
     train_vision_encoder: bool = False
+    # Fine-tuning: decoder layers of the LM trained in full (by index), and LoRA adapters on the LM (peft).
+    train_language_model_layers: list[int] = field(default_factory=list)
+    lora: LoraSettings | None = None
+    # How prompts are written (Flamingo's plain format or the LM's chat template); recorded in checkpoints.
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
+    # Start from the weights of a save_pretrained directory (a new run, not a resume); see model/checkpoint.py.
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_language_model and (self.lora is not None or self.train_language_model_layers):
+            raise ValueError(
+                "train_language_model trains the whole LM; drop lora / train_language_model_layers, or set it false"
+            )
+        if any(i < 0 for i in self.train_language_model_layers):
+            raise ValueError(
+                f"train_language_model_layers: layer indices must be >= 0, got {self.train_language_model_layers}"
+            )
+
+    @property
+    def adapts_language_model(self) -> bool:
+        """Whether any LM weight trains (then the LM runs in train mode and its changed weights are saved)."""
+        return self.train_language_model or self.lora is not None or bool(self.train_language_model_layers)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -51,6 +75,11 @@ class FlamingoConfig:
             "cross_attention": dataclass_from_dict(
                 CrossAttentionConfig, data.pop("cross_attention", {}), "cross_attention"
             ),
+            "prompt_format": dataclass_from_dict(
+                PromptFormat, data.pop("prompt_format", {}), "prompt_format"
+            ),
         }
+        lora = data.pop("lora", None)
+        nested["lora"] = None if lora is None else dataclass_from_dict(LoraSettings, lora, "lora")
         config = dataclass_from_dict(cls, data, "flamingo config")
         return dataclasses.replace(config, **nested)

@@ -124,6 +124,12 @@ class Flamingo(nn.Module):
         self.vocab_size = self.special_ids.first_added + self.special_ids.num_added
 
         language_model.requires_grad_(config.train_language_model)
+        for index in config.train_language_model_layers:
+            if index >= len(layers):
+                raise ValueError(
+                    f"train_language_model_layers: {index} is out of range for a {len(layers)}-layer LM"
+                )
+            layers[index].requires_grad_(True)
         vision_encoder.requires_grad_(config.train_vision_encoder)
         self._lm_takes_position_ids = forward_accepts(language_model, "position_ids")
         self._media: MediaContext | None = None
@@ -208,7 +214,7 @@ class Flamingo(nn.Module):
     def train(self, mode: bool = True) -> Flamingo:
         """Frozen backbones stay in eval mode: no dropout noise, no BatchNorm statistics drifting (EfficientNet)."""
         super().train(mode)
-        if not self.config.train_language_model:
+        if not self.config.adapts_language_model:
             self.language_model.eval()
         if not self.config.train_vision_encoder:
             self.vision_encoder.eval()
@@ -330,12 +336,13 @@ class Flamingo(nn.Module):
         num_images: torch.Tensor | Sequence[int] | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
-        """HF `generate` (greedy, beam search, sampling, ...) conditioned on the images; stops at <|endofchunk|>.
+        """HF `generate` (greedy, beam search, sampling, ...) conditioned on the images; stops where the prompt
+        format's answers end (`stop_token_ids`).
 
         Prompts are left-padded; returns the prompt followed by the new tokens, like HF generate.
         """
         self.check_inputs(input_ids, images, attention_mask, num_images)
-        generate_kwargs.setdefault("eos_token_id", self.special_ids.end_of_chunk)
+        generate_kwargs.setdefault("eos_token_id", self.stop_token_ids())
         generate_kwargs.setdefault("pad_token_id", self.special_ids.pad)
         lm_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
         with self._config_vocab_includes_added_tokens():
@@ -343,6 +350,10 @@ class Flamingo(nn.Module):
                 return self.language_model.generate(**lm_kwargs)
             with self.media(self.encode_images(images, num_images), prompt_length=input_ids.shape[1]):
                 return self.language_model.generate(**lm_kwargs)
+
+    def stop_token_ids(self) -> list[int]:
+        """Where answers end in this model's prompt format: <|endofchunk|>, or the chat template's end of turn."""
+        return self.tokenizer.convert_tokens_to_ids(self.config.prompt_format.stop_strings(self.tokenizer))
 
     @contextmanager
     def _config_vocab_includes_added_tokens(self) -> Iterator[None]:

@@ -323,6 +323,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"{path}: not valid TOML ({error})") from None
     for key, text in parse_overrides(overrides or []):
         apply_override(data, key, text)
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("init_from"):
+        from ..model.checkpoint import init_config
+
+        data["model"] = init_config(model)
     return validate(from_dict(RunConfig, data, ""))
 
 

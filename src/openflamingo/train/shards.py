@@ -69,7 +69,11 @@ def build_shard_loader(
         configs[name] = ShardDataset(
             shards=shard_paths(name, dataset, options),
             batch_size=rank_batch_size(name, dataset, world_size),
-            format=FormatConfig(max_tokens=dataset.seq_len, max_images=dataset.max_images),
+            format=FormatConfig(
+                max_tokens=dataset.seq_len,
+                max_images=dataset.max_images,
+                prompt_format=model.config.prompt_format,
+            ),
             packing=PackingConfig(row_tokens=row_tokens) if row_tokens else None,
             shuffle_buffer=options["shuffle_buffer"],
             seed=seed,

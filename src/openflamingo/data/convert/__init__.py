@@ -8,6 +8,7 @@ from .annotations import VQA_PROMPT, caption_samples, nlvr2_samples, vqa_samples
 from .common import ConversionReport, write_samples
 from .easy_vqa import easy_vqa_samples, easy_vqa_shards
 from .img2dataset import img2dataset_samples
+from .llava import llava_samples
 from .mmc4 import DEFAULT_SIMILARITY_THRESHOLD, mmc4_samples
 from .obelics import obelics_samples
 
@@ -18,7 +19,8 @@ FORMATS = {
     "captions": "jsonl or csv of image paths and captions (a folder of images + captions)",
     "vqa": "jsonl of image, question, answers",
     "nlvr2": "jsonl of two images, a sentence and a true/false label",
-    "easy-vqa": "the easy-VQA package's data (--layout pairs|vqa|fewshot, --split train|test)",
+    "llava": "LLaVA instruction json/jsonl: image(s) + human/gpt conversations (answer-only loss)",
+    "easy-vqa": "the easy-VQA package's data (--layout pairs|vqa|fewshot|chat, --split train|test)",
 }
 
 
@@ -72,6 +74,8 @@ def convert(
         )
     elif source_format == "vqa":
         samples = (s for p in paths for s in vqa_samples(p, report, images_dir, prompt))
+    elif source_format == "llava":
+        samples = (s for p in paths for s in llava_samples(p, report, images_dir))
     elif source_format == "nlvr2":
         samples = (s for p in paths for s in nlvr2_samples(p, report, images_dir))
     else:

@@ -1,0 +1,172 @@
+"""Fine-tuning: starting from saved weights, LoRA and partly unfrozen LMs, and their checkpoints."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_model import TEXTS, batch, tiny_config
+
+import openflamingo
+from openflamingo import build_flamingo
+from openflamingo.model.checkpoint import init_config, load_strict
+from openflamingo.model.lora import LoraSettings, merge_lora
+
+LORA = LoraSettings(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+
+
+def perturbed(model):
+    """Every trainable tensor moved away from its init, so a tensor that fails to load would show."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+@pytest.fixture()
+def saved(tokenizer_dir, tmp_path):
+    torch.manual_seed(0)
+    model = perturbed(build_flamingo(tiny_config(tokenizer_dir), seed=0)).eval()
+    model.save_pretrained(tmp_path / "base")
+    return model, tmp_path / "base"
+
+
+def recipe_model(directory, **fields) -> dict:
+    return {"init_from": str(directory), **fields}
+
+
+def test_init_from_loads_every_weight_and_then_trains_like_a_hand_loaded_model(saved, tokenizer_dir):
+    base, directory = saved
+    config = openflamingo.FlamingoConfig.from_dict(init_config(recipe_model(directory)))
+    started = build_flamingo(config, seed=1)
+    by_hand = build_flamingo(tiny_config(tokenizer_dir), seed=1)
+    state = load_file(directory / "model.safetensors")
+    load_strict(by_hand, state, sorted(state), source="by hand")
+    inputs = batch(base, TEXTS, [2, 1])
+    for model in (started, by_hand):
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+    assert started.config.init_from is None  # a new run: the weights are in its own checkpoints
+    started_state, hand_state = started.state_dict(), by_hand.state_dict()
+    assert started_state.keys() == hand_state.keys()
+    assert all(torch.equal(started_state[k], hand_state[k]) for k in hand_state)
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "shape"])
+def test_init_from_refuses_a_checkpoint_that_does_not_load_completely(saved, change):
+    _, directory = saved
+    state = load_file(directory / "model.safetensors")
+    if change == "missing":
+        key = "perceiver.latents"
+        del state[key]
+    elif change == "extra":
+        key = "perceiver.surplus"
+        state[key] = torch.zeros(2)
+    else:
+        key = "perceiver.latents"
+        state[key] = torch.zeros(3, 3)
+    save_file(state, directory / "model.safetensors")
+    config = openflamingo.FlamingoConfig.from_dict(init_config(recipe_model(directory)))
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_flamingo(config)
+
+
+def test_init_from_names_the_architecture_field_that_differs(saved):
+    _, directory = saved
+    with pytest.raises(
+        ValueError, match=r"model\.perceiver\.num_latents: the recipe has 8 but init_from .* 4"
+    ):
+        init_config(recipe_model(directory, perceiver={"num_latents": 8}))
+    with pytest.raises(FileNotFoundError, match="model.init_from"):
+        init_config(recipe_model(directory / "nowhere"))
+    agreed = init_config(recipe_model(directory, perceiver={"num_latents": 4}, lora=dataclasses.asdict(LORA)))
+    assert agreed["lora"]["rank"] == 4 and agreed["perceiver"]["num_latents"] == 4
+
+
+def test_lora_trains_adapters_only_and_round_trips_through_its_peft_files(tokenizer_dir, tmp_path):
+    config = dataclasses.replace(tiny_config(tokenizer_dir), lora=LORA)
+    model = perturbed(build_flamingo(config, seed=0)).eval()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".lora_A." in n for n in trainable)
+    assert all(
+        n.startswith(("perceiver.", "cross_attn_blocks.", "added_tokens.")) or ".lora_" in n
+        for n in trainable
+    )
+    model.save_pretrained(tmp_path / "lora")
+    adapter = load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(k.startswith("base_model.model.") and ".lora_" in k for k in adapter)
+    assert json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert not any(
+        ".lora_" in k or "base_layer" in k for k in load_file(tmp_path / "lora" / "model.safetensors")
+    )
+    inputs = batch(model, TEXTS, [2, 1])
+    reloaded = openflamingo.load(tmp_path / "lora").eval()
+    assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+
+
+def test_merged_lora_gives_the_same_logits(tokenizer_dir, tmp_path):
+    config = dataclasses.replace(tiny_config(tokenizer_dir), lora=LORA)
+    model = perturbed(build_flamingo(config, seed=0)).eval()
+    inputs = batch(model, TEXTS, [2, 1])
+    before = model(**inputs).logits
+    assert merge_lora(model.language_model) == 2 * 4  # q and v in each of 4 layers
+    after = model(**inputs).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)  # fp32: W + BA folded, then one matmul
+
+
+def test_lora_refuses_modules_flamingo_hooks_or_the_lm_lacks(tokenizer_dir):
+    with pytest.raises(ValueError, match="'lm_head' cannot take LoRA"):
+        LoraSettings(target_modules=["lm_head"])
+    config = dataclasses.replace(
+        tiny_config(tokenizer_dir), lora=LoraSettings(target_modules=["query_key_value"])
+    )
+    with pytest.raises(ValueError, match="'query_key_value' is not a module of this LM"):
+        build_flamingo(config)
+
+
+def test_unfrozen_layers_train_and_only_they_are_stored(tokenizer_dir, tmp_path):
+    config = dataclasses.replace(tiny_config(tokenizer_dir), train_language_model_layers=[1])
+    model = build_flamingo(config, seed=0)
+    lm_trainable = {
+        n for n, p in model.named_parameters() if p.requires_grad and n.startswith("language_model.")
+    }
+    assert lm_trainable and all(n.startswith("language_model.model.layers.1.") for n in lm_trainable)
+    model = perturbed(model).eval()
+    # Backbones referenced by path: only layer 1 of the LM is in the checkpoint.
+    model.language_model.save_pretrained(tmp_path / "lm")
+    model.tokenizer.save_pretrained(tmp_path / "lm")
+    model.config = dataclasses.replace(
+        model.config, language_model=str(tmp_path / "lm"), language_model_config=None
+    )
+    with torch.no_grad():
+        model.language_model.model.layers[1].mlp.up_proj.weight.add_(1.0)  # differs from the saved LM
+    model.save_pretrained(tmp_path / "ckpt")
+    stored = {
+        k for k in load_file(tmp_path / "ckpt" / "model.safetensors") if k.startswith("language_model.")
+    }
+    assert stored and all(k.startswith("language_model.model.layers.1.") for k in stored)
+    inputs = batch(model, TEXTS, [2, 1])
+    assert torch.equal(model(**inputs).logits, openflamingo.load(tmp_path / "ckpt").eval()(**inputs).logits)
+    with pytest.raises(ValueError, match="trained LM layers \\[1\\]"):
+        init_config(recipe_model(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="out of range for a 4-layer LM"):
+        build_flamingo(dataclasses.replace(tiny_config(tokenizer_dir), train_language_model_layers=[4]))
+
+
+def test_export_merge_lora_gives_a_plain_checkpoint_with_the_same_logits(tokenizer_dir, tmp_path):
+    from openflamingo.cli import main
+
+    config = dataclasses.replace(tiny_config(tokenizer_dir), lora=LORA)
+    model = perturbed(build_flamingo(config, seed=0)).eval()
+    model.save_pretrained(tmp_path / "lora")
+    assert main(["export", str(tmp_path / "lora"), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    assert not (tmp_path / "merged" / "adapter").exists()
+    merged = openflamingo.load(tmp_path / "merged").eval()
+    assert merged.config.lora is None
+    inputs = batch(model, TEXTS, [2, 1])
+    torch.testing.assert_close(merged(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5)
+    assert main(["export", str(tmp_path / "merged"), str(tmp_path / "again"), "--merge-lora"]) == 2
