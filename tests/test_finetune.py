@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_model import TEXTS, batch, tiny_config
+from transformers import AutoTokenizer
 
 import openflamingo
 from openflamingo import build_flamingo
@@ -170,3 +171,72 @@ def test_export_merge_lora_gives_a_plain_checkpoint_with_the_same_logits(tokeniz
     inputs = batch(model, TEXTS, [2, 1])
     torch.testing.assert_close(merged(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5)
     assert main(["export", str(tmp_path / "merged"), str(tmp_path / "again"), "--merge-lora"]) == 2
+
+
+def test_a_fine_tuning_run_starts_from_saved_weights_and_records_its_chat_format(tokenizer_dir, tmp_path):
+    """init_from + LLaVA conversations in a chat template + LoRA, through `openflamingo train`, then generate."""
+    from test_conversations import CHATML, _png
+    from test_train import tiny_run
+
+    from openflamingo.cli import main
+    from openflamingo.data.convert import convert
+
+    chat_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))  # an instruct LM's: ChatML turns
+    chat_tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat_tokenizer.chat_template = CHATML
+    chat_tokenizer.eos_token = "<|im_end|>"
+    chat_tokenizer.save_pretrained(tmp_path / "chat-tokenizer")
+    build_flamingo(tiny_config(tmp_path / "chat-tokenizer"), seed=0).save_pretrained(tmp_path / "base")
+    (tmp_path / "img").mkdir()
+    records = []
+    for i, colour in enumerate(("red", "blue", "green", "yellow")):
+        (tmp_path / "img" / f"{i}.png").write_bytes(_png(colour))
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour?"},
+                    {"from": "gpt", "value": f"It is {colour}."},
+                ],
+            }
+        )
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    convert("llava", [str(tmp_path / "llava.json")], tmp_path / "shards", images=tmp_path / "img")
+
+    run = tiny_run(tokenizer_dir, tmp_path / "run", train={"steps": 3, "lr": 1e-2, "warmup_steps": 0})
+    run["model"] = {
+        "init_from": str(tmp_path / "base"),
+        "prompt_format": {"kind": "chat", "system": "Be brief."},
+        "lora": {"rank": 2, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"]},
+    }
+    run["datasets"] = {
+        "chat": {"kind": "interleaved", "path": str(tmp_path / "shards"), "batch_size": 2, "seq_len": 48}
+    }
+    run["data"] = {"loader": "shards"}
+    run["datasets"]["chat"]["options"] = {"num_workers": 0, "shuffle_buffer": 1}
+    from test_train import config_of
+
+    from openflamingo.train import train
+
+    result = train(config_of(run))
+    assert result.step == 3 and all(loss == loss for loss in result.losses.values())
+    final = openflamingo.load(tmp_path / "run" / "final")
+    assert final.config.prompt_format.kind == "chat" and final.config.lora is not None
+    assert final.config.init_from is None and (tmp_path / "run" / "final" / "adapter").is_dir()
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(tmp_path / "run" / "final"),
+                "--image",
+                str(tmp_path / "img" / "0.png"),
+                "--question",
+                "What colour?",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )

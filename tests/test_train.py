@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from openflamingo import load
 from openflamingo.train import NonFiniteLossError, train
-from openflamingo.train.config import RunConfig, from_dict, to_toml, validate
+from openflamingo.train.config import RunConfig, run_config, to_toml
 from openflamingo.train.data import LOADERS, SyntheticLoader, build_synthetic_loader
 from openflamingo.train.optim import LRSchedule, build_optimizer
 from openflamingo.train.parallelize import apply_activation_checkpointing
@@ -71,7 +71,7 @@ FINE_TUNED_LM = {
 
 
 def config_of(run: dict) -> RunConfig:
-    return validate(from_dict(RunConfig, run, ""))
+    return run_config(run)
 
 
 def records(output_dir) -> dict[int, dict]:

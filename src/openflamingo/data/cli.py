@@ -92,9 +92,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_SIMILARITY_THRESHOLD,
         help="mmc4: minimum image-sentence CLIP cosine similarity",
     )
-    convert.add_argument("--layout", choices=("pairs", "vqa", "fewshot"), default="vqa", help="easy-vqa")
+    convert.add_argument(
+        "--layout", choices=("pairs", "vqa", "fewshot", "chat"), default="vqa", help="easy-vqa"
+    )
     convert.add_argument("--split", choices=("train", "test"), default="train", help="easy-vqa")
-    convert.add_argument("--shots", type=int, default=4, help="easy-vqa fewshot: triples per document")
+    convert.add_argument(
+        "--shots", type=int, default=4, help="easy-vqa fewshot: triples per document; chat: turns"
+    )
     convert.add_argument("--seed", type=int, default=0, help="easy-vqa fewshot: grouping of questions")
     convert.add_argument("--image-field", default="image", help="captions: field/column of the image path")
     convert.add_argument(

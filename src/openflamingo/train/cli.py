@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> None:
     from .loop import NonFiniteLossError, train
 
     config = load_config(args.config or default_recipe(), args.overrides)
+    if config.evaluate.before and os.environ.get("RANK", "0") == "0":
+        from .evaluate import evaluate_before_training
+
+        evaluate_before_training(config.model, config.evaluate, Path(config.train.output_dir))
     try:
         result = train(config)
     except NonFiniteLossError as error:

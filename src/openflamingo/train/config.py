@@ -130,6 +130,7 @@ class EvaluateConfig:
     prompt: str | None = None  # the task's prompt template; match the training text format
     separator: str | None = None
     batch_size: int = 16
+    before: bool = False  # also score the starting weights (fine-tuning from model.init_from) before training
 
 
 @dataclass
@@ -183,6 +184,8 @@ def _field_types(cls) -> dict[str, Any]:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """`value` (from TOML or parsed from the command line) checked against / converted to type `tp`."""
     tp, optional = _unwrap_optional(tp)
+    if tp is Any:  # free-form (an HF config dict): taken as it is, nulls included
+        return value
     if value is None:
         if optional:
             return None
@@ -323,11 +326,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"{path}: not valid TOML ({error})") from None
     for key, text in parse_overrides(overrides or []):
         apply_override(data, key, text)
+    return run_config(data)
+
+
+def run_config(data: dict[str, Any]) -> RunConfig:
+    """A checked RunConfig from plain data (a parsed recipe). A model that starts from saved weights
+    (`model.init_from`) takes its architecture from that checkpoint."""
     model = data.get("model")
     if isinstance(model, dict) and model.get("init_from"):
         from ..model.checkpoint import init_config
 
-        data["model"] = init_config(model)
+        data = {**data, "model": init_config(model)}
     return validate(from_dict(RunConfig, data, ""))
 
 

@@ -1,7 +1,12 @@
-"""Evaluate the trained model after training (`[evaluate]`): with its images, blind, and at each shot count."""
+"""Evaluate the trained model after training (`[evaluate]`): with its images, blind, and at each shot count.
+
+Task `easy_vqa_chat` (the fine-tuning demo) answers held-out easy-VQA conversations instead; with `before = true`
+the starting weights are scored the same way first, so the summary shows before and after.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -29,11 +34,48 @@ def cross_attention_off(model) -> Iterator[None]:
                 gate.copy_(value)
 
 
+CHAT_TASK = "easy_vqa_chat"
+CHAT_TURNS = 3  # questions per held-out conversation
+
+
+def chat_scores(model, config: EvaluateConfig) -> dict[str, float]:
+    from ..data.convert import ConversionReport
+    from ..data.convert.easy_vqa import easy_vqa_samples
+    from ..eval.conversations import evaluate_conversations
+
+    samples = easy_vqa_samples("chat", ConversionReport(), "test", shots=CHAT_TURNS, seed=0)
+    conversations = list(itertools.islice(samples, config.num_samples))
+    answers = {a for c in conversations for a in c.metadata["answers"]}
+    return evaluate_conversations(model.eval(), conversations, answers, batch_size=config.batch_size)
+
+
+def evaluate_before_training(model_config, config: EvaluateConfig, output_dir: Path) -> dict[str, float]:
+    """The starting weights' scores, computed once per run (a resumed run reuses them)."""
+    from ..model.build import build_flamingo
+
+    path = output_dir / "eval" / "before.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if config.task != CHAT_TASK:
+        raise ValueError(f"evaluate.before: only task {CHAT_TASK!r} scores the starting weights")
+    scores = chat_scores(build_flamingo(model_config), config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scores, indent=2) + "\n")
+    print(f"{config.task} before training: " + json.dumps(scores))
+    return scores
+
+
 def evaluate_after_training(model, config: EvaluateConfig, output_dir: Path) -> dict[str, dict[str, float]]:
     """{"trained": {"0-shot": acc, ...}, "blind": {...}}; writes output_dir/eval/summary.json and prints it."""
     from ..eval import DataPaths, EvalConfig, prepare, run
 
     summary: dict[str, dict[str, float]] = {}
+    if config.task == CHAT_TASK:
+        before = output_dir / "eval" / "before.json"
+        if before.is_file():
+            summary["before"] = json.loads(before.read_text())
+        summary["trained"] = chat_scores(model, config)
+        return _write_summary(summary, config, output_dir)
     for variant in ("trained", "blind") if config.blind else ("trained",):
         eval_config = EvalConfig(
             config.task,
@@ -50,6 +92,10 @@ def evaluate_after_training(model, config: EvaluateConfig, output_dir: Path) -> 
         with cross_attention_off(model) if variant == "blind" else nullcontext():
             document = run(model, prepare(eval_config))
         summary[variant] = {f"{entry['shots']}-shot": entry["mean"] for entry in document["results"].values()}
+    return _write_summary(summary, config, output_dir)
+
+
+def _write_summary(summary: dict, config: EvaluateConfig, output_dir: Path) -> dict:
     (output_dir / "eval").mkdir(parents=True, exist_ok=True)
     (output_dir / "eval" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{config.task} after training: " + json.dumps(summary))

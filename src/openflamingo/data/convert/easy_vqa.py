@@ -1,10 +1,12 @@
 """easy-VQA (PyPI `easy-vqa==1.0`, MIT: 64x64 images of one coloured shape, yes/no, shape and colour questions).
 
-Three layouts:
+Four layouts:
 - `pairs`: one caption per image ("a blue rectangle"), read off that image's question-answer pairs;
 - `vqa`: one document per question, `<image>Question: q Short answer: a`, only the answer trained;
 - `fewshot`: documents of `shots` image/question/answer triples on different images, so in-context use is trained
-  (a model trained on single questions does worse with demonstrations than without).
+  (a model trained on single questions does worse with demonstrations than without);
+- `chat`: conversations of `shots` turns about one image, answered in sentences ("What color is the shape?" ->
+  "It is brown."), the fine-tuning demo's data.
 `easy_vqa_shards()` builds cached shards once, for the trainer's first run.
 """
 
@@ -18,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..samples import ImageItem, ImageTextPair, InterleavedDocument
+from ..samples import Conversation, ImageItem, ImageTextPair, InterleavedDocument, Turn
 from .annotations import VQA_PROMPT, vqa_items
 from .common import ConversionReport, image_file, write_samples
 
-LAYOUTS = ("pairs", "vqa", "fewshot")
+LAYOUTS = ("pairs", "vqa", "fewshot", "chat")
 SHAPES = ("circle", "rectangle", "triangle")
 NEGATIONS = ("not", "no")
 
@@ -60,6 +62,13 @@ def caption_from_questions(qas: list[tuple[str, str]], colours: list[str]) -> st
     return " ".join(["a", found.get("colour", ""), found.get("shape", "shape")]).replace("  ", " ")
 
 
+def sentence_answer(answer: str) -> str:
+    """An easy-VQA answer as the sentence the chat layout trains: "It is brown.", "It is a circle.", "Yes."."""
+    if answer in ("yes", "no"):
+        return answer.capitalize() + "."
+    return f"It is a {answer}." if answer in SHAPES else f"It is {answer}."
+
+
 def easy_vqa_samples(
     layout: str,
     report: ConversionReport,
@@ -94,7 +103,10 @@ def easy_vqa_samples(
             )
         return
     if shots < 1:
-        raise ValueError(f"fewshot documents need shots >= 1, got {shots}")
+        raise ValueError(f"{layout} samples need shots >= 1, got {shots}")
+    if layout == "chat":
+        yield from _conversations(records, image, shots, seed)
+        return
     # Deterministic shuffle, then consecutive groups of questions on distinct images.
     order = np.random.default_rng(seed).permutation(len(records))
     group: list[int] = []
@@ -114,6 +126,25 @@ def easy_vqa_samples(
             group = []
 
 
+def _conversations(records, image, turns: int, seed: int) -> Iterator[Conversation]:
+    """Per image, `turns` of its questions in a seeded order: the first turn shows the image."""
+    per_image: dict[int, list[int]] = {}
+    for index, (_, _, image_id) in enumerate(records):
+        per_image.setdefault(image_id, []).append(index)
+    rng = np.random.default_rng(seed)
+    for image_id in sorted(per_image):
+        chosen = rng.permutation(per_image[image_id])[:turns]
+        conversation = []
+        for n, index in enumerate(chosen):
+            question, answer, _ = records[index]
+            conversation += [
+                Turn("user", ("<image>" if n == 0 else "") + question),
+                Turn("assistant", sentence_answer(answer)),
+            ]
+        metadata = {"image_id": image_id, "answers": [records[i][1] for i in chosen]}
+        yield Conversation(f"{image_id:06d}", conversation, [image(image_id)], metadata)
+
+
 def easy_vqa_shards(
     directory: str | Path,
     layout: str = "vqa",
@@ -128,6 +159,7 @@ def easy_vqa_shards(
     never leaves half a data set behind. Returns the shard paths.
     """
     name = f"easy-vqa-{split}-{layout}" + (f"-{shots}shot" if layout == "fewshot" else "")
+    name += f"-{shots}turns" if layout == "chat" else ""
     target = Path(directory) / name
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
