@@ -214,3 +214,27 @@ def test_a_conversation_member_must_place_every_image():
     members["1.png"] = _png("blue")
     with pytest.raises(BadSample, match="no message places"):
         sample_from_members("k", members)
+
+
+def test_eval_prompts_of_a_chat_model_are_chat_turns(chat_tokenizer):
+    from pathlib import Path
+
+    from openflamingo.eval.datasets import Example
+    from openflamingo.eval.prompts import build_prompt
+    from openflamingo.eval.tasks import TaskPrompt
+
+    def example(i, question, answer):
+        return Example(i, [(Path(f"{i}.jpg"),)], {"question": question}, answer)
+
+    vqa = TaskPrompt("<image>Question:{question} Short answer:{answer}", "\n")
+    chat = (PromptFormat(kind="chat"), chat_tokenizer)
+    demo, query = example(1, "What colour?", "red"), example(2, "What shape?", "")
+    prompt = build_prompt(vqa, [demo], query, shots=1, chat=chat)
+    assert prompt.text == (
+        "<|im_start|>user\n<image>Question:What colour? Short answer:<|im_end|>\n"
+        "<|im_start|>assistant\nred<|im_end|>\n"
+        "<|im_start|>user\n<image>Question:What shape? Short answer:<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert prompt.images == [Path("1.jpg"), Path("2.jpg")]
+    zero_shot = build_prompt(vqa, [demo], query, shots=0, chat=chat)  # text-only demonstrations
+    assert zero_shot.images == [Path("2.jpg")] and zero_shot.text.count("<image>") == 1
