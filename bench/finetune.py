@@ -13,10 +13,7 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-RECIPE = Path(__file__).parents[1] / "configs" / "demo.toml"
 LORA = "{rank = 8, alpha = 16.0, target_modules = ['q_proj', 'k_proj', 'v_proj', 'o_proj']}"
 VARIANTS = {
     "flamingo_parts": [],
@@ -27,32 +24,12 @@ VARIANTS = {
 
 def measure(variant: str, steps: int, threads: int) -> dict:
     import torch
-
-    from openflamingo.model.build import build_flamingo
-    from openflamingo.train.config import TrainConfig, load_config
-    from openflamingo.train.data import build_loader
-    from openflamingo.train.loop import forward_backward
-    from openflamingo.train.optim import build_optimizer
-    from openflamingo.train.prefetch import prepare_batch
+    from demo_step import demo_step
 
     torch.set_num_threads(threads)
-    # The demo's model and batch sizes, synthetic batches of its shapes (no shard conversion needed).
-    config = load_config(RECIPE, ["--data.loader", "synthetic", *VARIANTS[variant]])
-    torch.manual_seed(0)
-    model = build_flamingo(config.model, seed=0).train()
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-5))
-    loader = build_loader(config.enabled_datasets(), config.data, model, rank=0, world_size=1, seed=0)
-    batches = {name: prepare_batch(model, batch) for name, batch in next(loader).items()}
+    model, step = demo_step(VARIANTS[variant])
     params = [p for p in model.parameters() if p.requires_grad]
-    times = []
-    for _ in range(steps + 1):  # the first is a warm-up
-        start = time.perf_counter()
-        for batch in batches.values():
-            forward_backward(model, batch, 1.0, torch.device("cpu"), None)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+    times = [step() for _ in range(steps + 1)]  # the first is a warm-up
     return {
         "variant": variant,
         "trainable_params": sum(p.numel() for p in params),
