@@ -113,7 +113,7 @@ def rank_classes(
     inputs = model_inputs(model, prompts, device)
     return rank_classes_from_tensors(
         model, inputs["input_ids"], inputs["attention_mask"], inputs["images"], class_token_ids, rows_per_call,
-        length_normalize,
+        length_normalize, inputs["num_images"],
     )  # fmt: skip
 
 
@@ -126,8 +126,10 @@ def rank_classes_from_tensors(
     class_token_ids: Sequence[Sequence[int]],
     rows_per_call: int = 64,
     length_normalize: bool = True,
+    num_images: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """`rank_classes` for left-padded token ids and images (B, T_img, F, C, H, W) that are already tensors."""
+    """`rank_classes` for left-padded token ids and images (B, T_img, F, C, H, W) that are already tensors;
+    `num_images` (real images per prompt) skips encoding the padding slots."""
     device = input_ids.device
     batch, prefix_length = input_ids.shape
     lm = model.language_model
@@ -137,7 +139,7 @@ def rank_classes_from_tensors(
     lengths = torch.tensor([len(t) for t in class_token_ids], dtype=torch.float32)
     first_tokens = torch.tensor([t[0] for t in class_token_ids], device=device)
 
-    visual = model.encode_images(images)
+    visual = model.encode_images(images, num_images)
     with model.media(visual):
         out = lm(
             input_ids=input_ids,
