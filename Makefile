@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 COMPAT_VENV ?= .venv-transformers4
 COMPAT_TRANSFORMERS ?= transformers==4.57.6
 
-.PHONY: install test demo lint parity
+.PHONY: install test demo finetune-demo lint parity
 
 # $(1): venv directory, $(2): extra requirement pinned on top of the package's own
 define make_venv
@@ -37,6 +37,10 @@ test: install $(COMPAT_VENV)/.installed
 
 demo: install
 	$(BIN)/openflamingo train
+
+# Fine-tunes the demo's model into a chat model (LoRA + chat template); needs `make demo` first (README, Fine-tuning).
+finetune-demo: install
+	$(BIN)/openflamingo train --config configs/finetune-demo.toml
 
 lint: install
 	$(BIN)/ruff check src tests tools examples
