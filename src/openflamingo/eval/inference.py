@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,7 @@ def rank_classes_from_tensors(
     model,
     input_ids: torch.Tensor,
     mask: torch.Tensor,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     class_token_ids: Sequence[Sequence[int]],
     rows_per_call: int = 64,
     length_normalize: bool = True,
@@ -139,8 +140,9 @@ def rank_classes_from_tensors(
     lengths = torch.tensor([len(t) for t in class_token_ids], dtype=torch.float32)
     first_tokens = torch.tensor([t[0] for t in class_token_ids], device=device)
 
-    visual = model.encode_images(images, num_images)
-    with model.media(visual):
+    # Text-only prompts (images None) run the plain LM, as Flamingo.forward does without images.
+    media = nullcontext() if images is None else model.media(model.encode_images(images, num_images))
+    with media:
         out = lm(
             input_ids=input_ids,
             attention_mask=mask,
