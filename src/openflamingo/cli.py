@@ -1,4 +1,4 @@
-"""The `openflamingo` command: train | eval | data | convert | generate | export."""
+"""The `openflamingo` command: train | eval | data | convert | generate | export | serve."""
 
 from __future__ import annotations
 
@@ -155,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.cli import register as register_data
     from .eval.cli import register as register_eval
+    from .serve.cli import register as register_serve
     from .train.cli import register as register_train
 
     register_train(commands)
     register_data(commands)
     register_eval(commands)
+    register_serve(commands)
     return parser
 
 

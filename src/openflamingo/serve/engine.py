@@ -1,0 +1,262 @@
+"""The one thread that runs the model: requests are prefilled one by one, then decoded together in a batch.
+
+Continuous batching: between two decode steps, waiting requests join (up to `max_batch_size` rows; a request with
+`n` answers takes n rows sharing one prefill), and finished ones leave at once. When the engine is idle it waits
+`batch_wait_s` after the first arrival so that requests sent together start together.
+
+Two batches run side by side, one for requests with images and one without: with images in play the gated blocks
+also run their feed-forward on every token (as Flamingo computes), so a text-only request must never share a batch
+with images, or its answer would change. A request's answer does not depend on the other rows: its prefill runs
+alone, its padding is masked, its images' keys/values are its own and it samples from its own RNG.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..eval.inference import rank_classes_from_tensors
+from ..model.language import forward_accepts
+from .batch import Batch
+from .completion import Completion
+from .sampling import Sampling, next_tokens
+
+
+@dataclass
+class Delta:
+    choice: int
+    text: str
+
+
+@dataclass
+class Finished:
+    choice: int
+    finish_reason: str
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+@dataclass
+class GenerationJob:
+    input_ids: list[int]
+    images: torch.Tensor | None  # (1, T, 1, C, H, W) preprocessed, on the CPU
+    max_tokens: int
+    stop: list[str]
+    sampling: list[Sampling]  # one per answer (n)
+    emit: Callable[[Delta | Finished | Failed], None]  # called from the engine thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class ScoreJob:
+    input_ids: list[int]
+    images: torch.Tensor | None
+    candidates: list[list[int]]
+    result: Future = field(default_factory=Future)  # (C,) summed log-probabilities
+
+
+@dataclass
+class Row:
+    job: GenerationJob
+    choice: int
+    completion: Completion
+
+
+class Engine:
+    def __init__(self, model, max_batch_size: int = 16, batch_wait_s: float = 0.005):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.perceiver.parameters()).dtype
+        self.stop_token_ids = set(model.stop_token_ids())
+        lm = model.language_model
+        self._cache_argument = "cache" if forward_accepts(lm, "cache") else "past_key_values"
+        self._takes_positions = forward_accepts(lm, "position_ids")
+        self._last_logits = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
+        self._queue: queue.Queue = queue.Queue()
+        self._waiting: collections.deque = collections.deque()
+        self._batches = {True: Batch(), False: Batch()}  # with images, without
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="openflamingo-engine", daemon=True)
+        self.steps = 0  # decode steps run (for tests and the benchmark: batching means fewer steps)
+
+    # ----- called from other threads ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, job: GenerationJob | ScoreJob) -> None:
+        self._queue.put(job)
+
+    # ----- the engine thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                self._collect()
+                self._admit()
+                for batch in self._batches.values():
+                    if batch.rows:
+                        self._step(batch)
+
+    def _running(self) -> int:
+        return sum(len(b) for b in self._batches.values())
+
+    def _collect(self) -> None:
+        """Move arrivals to the waiting line; block (briefly, to notice stop()) only when there is nothing to do."""
+        if not self._running() and not self._waiting:
+            try:
+                self._waiting.append(self._queue.get(timeout=0.1))
+            except queue.Empty:
+                return
+            deadline = time.monotonic() + self.batch_wait_s
+            while (left := deadline - time.monotonic()) > 0 and len(self._waiting) < self.max_batch_size:
+                try:
+                    self._waiting.append(self._queue.get(timeout=left))
+                except queue.Empty:
+                    break
+        while True:
+            try:
+                self._waiting.append(self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def _admit(self) -> None:
+        # First come, first served: a request that does not fit yet blocks later ones (no starvation of large n).
+        while self._waiting:
+            job = self._waiting[0]
+            if isinstance(job, GenerationJob):
+                if job.cancelled.is_set():
+                    self._waiting.popleft()
+                    continue
+                if self._running() + len(job.sampling) > self.max_batch_size:
+                    return
+            self._waiting.popleft()
+            try:
+                if isinstance(job, ScoreJob):
+                    self._score(job)
+                else:
+                    self._prefill(job)
+            except Exception as error:  # a failing request must not stop the others
+                traceback.print_exc()
+                message = f"{type(error).__name__}: {error}"
+                if isinstance(job, ScoreJob):
+                    job.result.set_exception(error)
+                else:
+                    job.emit(Failed(message))
+
+    def _prefill(self, job: GenerationJob) -> None:
+        model, lm = self.model, self.model.language_model
+        ids = torch.tensor([job.input_ids], device=self.device)
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "use_cache": True,
+            **self._last_logits,
+        }
+        part = Batch()
+        if job.images is None:
+            out = lm(**kwargs)
+        else:
+            visual = model.encode_images(job.images.to(self.device, self.dtype))
+            with model.media(visual, prompt_length=ids.shape[1]) as media:
+                out = lm(**kwargs)
+                part.visual, part.media_kv, part.images_seen = (
+                    visual,
+                    dict(media.keys_values),
+                    media.images_seen,
+                )
+        part.cache = getattr(out, "cache", None) or out.past_key_values
+        part.mask = kwargs["attention_mask"]
+        part.positions = torch.tensor([ids.shape[1]], device=self.device)
+        rows = [
+            Row(job, i, Completion(model.tokenizer, job.stop, self.stop_token_ids, job.max_tokens))
+            for i in range(len(job.sampling))
+        ]
+        part = part.repeat(len(rows))
+        part.rows = rows
+        firsts = next_tokens(out.logits[:, -1].expand(len(rows), -1), job.sampling)
+        part.next_tokens = torch.tensor(firsts, device=self.device)
+        kept = self._advance(part, firsts)
+        part.keep(kept)
+        if kept:
+            self._batches[job.images is not None].join(part)
+
+    def _step(self, batch: Batch) -> None:
+        """One token for every row of `batch`."""
+        lm = self.model.language_model
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
+        kwargs = {
+            "input_ids": batch.next_tokens[:, None],
+            "attention_mask": batch.mask,
+            "use_cache": True,
+            self._cache_argument: batch.cache,
+            **self._last_logits,
+        }
+        if self._takes_positions:
+            kwargs["position_ids"] = batch.positions[:, None]
+        try:
+            if batch.visual is None:
+                logits = lm(**kwargs).logits[:, -1]
+            else:
+                # prompt_length=0: every fed token is generated, so none starts a new image.
+                with self.model.media(batch.visual, prompt_length=0, validated=True) as media:
+                    media.images_seen = batch.images_seen
+                    media.keys_values.update(batch.media_kv)
+                    logits = lm(**kwargs).logits[:, -1]
+        except Exception as error:
+            traceback.print_exc()
+            for row in batch.rows:
+                row.job.emit(Failed(f"{type(error).__name__}: {error}"))
+            batch.keep([])
+            return
+        self.steps += 1
+        batch.positions = batch.positions + 1
+        tokens = next_tokens(logits, [row.job.sampling[row.choice] for row in batch.rows])
+        batch.next_tokens = torch.tensor(tokens, device=self.device)
+        kept = self._advance(batch, tokens)
+        if len(kept) < len(batch):
+            batch.keep(kept)
+
+    def _advance(self, batch: Batch, tokens: list[int]) -> list[int]:
+        """Hand each row's new token to its answer; returns the rows that continue."""
+        kept = []
+        for i, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)):
+            if row.job.cancelled.is_set():
+                continue
+            delta = row.completion.add(token)
+            if delta:
+                row.job.emit(Delta(row.choice, delta))
+            if row.completion.finished:
+                reason, used = row.completion.finish_reason, len(row.completion.tokens)
+                row.job.emit(Finished(row.choice, reason, used))
+            else:
+                kept.append(i)
+        return kept
+
+    def _score(self, job: ScoreJob) -> None:
+        ids = torch.tensor([job.input_ids], device=self.device)
+        images = None if job.images is None else job.images.to(self.device, self.dtype)
+        scores = rank_classes_from_tensors(
+            self.model, ids, torch.ones_like(ids), images, job.candidates, length_normalize=False
+        )
+        job.result.set_result(scores[0].tolist())

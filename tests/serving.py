@@ -1,0 +1,86 @@
+"""Helpers of the serving tests: a tiny random model, and a real uvicorn server on a free local port in a thread."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from PIL import Image
+from tiny import TINY_CLIP, lm_config
+from transformers import AutoTokenizer
+
+from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
+from openflamingo.serve.app import Settings, create_app
+from openflamingo.serve.engine import Engine
+from openflamingo.serve.images import ImagePolicy
+from openflamingo.serve.protocol import Limits
+
+MODEL = "tiny-flamingo"
+
+
+def tiny_model(tokenizer_dir, seed: int = 0):
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = FlamingoConfig(
+        language_model_config=lm_config("llama", tokenizer),
+        tokenizer=str(tokenizer_dir),
+        vision=VisionConfig("hf_clip", config=TINY_CLIP),
+        perceiver=PerceiverConfig(depth=1, num_latents=4, heads=2, dim_head=8),
+        cross_attention=CrossAttentionConfig(every_n_layers=2, heads=2, dim_head=8, gate_init=1.0),
+    )
+    return build_flamingo(config, seed=seed).eval()
+
+
+def settings(model, **limits) -> Settings:
+    images = limits.pop("images", ImagePolicy())
+    api_key = limits.pop("api_key", None)
+    return Settings(Limits(MODEL, **limits), images, model.config.prompt_format, api_key)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(
+    model, server_settings: Settings, max_batch_size: int = 8, batch_wait_s: float = 0.005
+) -> Iterator[str]:
+    """The app under uvicorn on 127.0.0.1:<free port>; yields (base URL, engine)."""
+    import uvicorn
+
+    engine = Engine(model, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
+    app = create_app(model, engine, server_settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def png_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def image_part(color=(200, 30, 30)) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(png_bytes(color))}}

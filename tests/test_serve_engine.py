@@ -1,0 +1,181 @@
+"""The serving engine: answers decoded in a shared batch equal the same requests served alone, and greedy answers
+equal Flamingo.generate's."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from serving import image_part, tiny_model
+
+from openflamingo.model.inputs import prepare_inputs
+from openflamingo.serve.completion import Completion
+from openflamingo.serve.engine import Delta, Engine, Failed, Finished, GenerationJob, ScoreJob
+from openflamingo.serve.images import ImagePolicy
+from openflamingo.serve.prepare import prepare_prompt
+from openflamingo.serve.protocol import Limits, parse_messages
+from openflamingo.serve.sampling import Sampling
+
+COLORS = [(200, 30, 30), (20, 160, 40), (30, 40, 220), (240, 200, 10)]
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_dir):
+    return tiny_model(tokenizer_dir)
+
+
+def conversation(images: int, words: int, turns: int = 1) -> list[dict]:
+    messages = []
+    for t in range(turns):
+        parts = [image_part(COLORS[(t + i) % 4]) for i in range(images)]
+        messages.append(
+            {
+                "role": "user",
+                "content": [*parts, {"type": "text", "text": "what is the " + "red cat " * words}],
+            }
+        )
+        if t < turns - 1:
+            messages.append({"role": "assistant", "content": "a small dog"})
+    return messages
+
+
+class Answers:
+    """Collects a job's events (from the engine thread) and signals when all answers are in."""
+
+    def __init__(self, n: int):
+        self.texts, self.reasons, self.tokens = [""] * n, [None] * n, [0] * n
+        self.first = threading.Event()
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Delta):
+            self.texts[event.choice] += event.text
+        elif isinstance(event, Finished):
+            self.reasons[event.choice], self.tokens[event.choice] = (
+                event.finish_reason,
+                event.completion_tokens,
+            )
+        else:
+            assert not isinstance(event, Failed), event.message
+        self.first.set()
+        if all(self.reasons):
+            self.done.set()
+
+
+def job(model, messages, max_tokens, n=1, temperature=0.0, seed=None, stop=()):
+    prompt = prepare_prompt(
+        model, model.config.prompt_format, parse_messages(messages, Limits("m")), ImagePolicy()
+    )
+    answers = Answers(n)
+    sampling = [Sampling.for_choice(temperature, 0.9, seed, i) for i in range(n)]
+    return GenerationJob(prompt.input_ids, prompt.images, max_tokens, list(stop), sampling, answers), answers
+
+
+REQUESTS = [  # (images, words, turns, max_tokens, n, temperature, seed)
+    (1, 1, 1, 12, 1, 0.0, None),
+    (3, 4, 1, 5, 1, 0.0, None),  # leaves the batch early
+    (0, 2, 1, 9, 1, 0.0, None),  # text only: the batch without images
+    (2, 9, 2, 10, 2, 1.0, 7),  # sampled, two answers, a few-shot conversation
+    (1, 0, 1, 11, 1, 0.8, 123),
+    (0, 6, 1, 7, 3, 1.2, 5),
+]
+
+
+def test_batched_answers_equal_answers_served_alone(model):
+    engine = Engine(model, max_batch_size=8, batch_wait_s=0.2)
+    engine.start()
+    try:
+        alone = []
+        for images, words, turns, max_tokens, n, temperature, seed in REQUESTS:
+            single, answers = job(model, conversation(images, words, turns), max_tokens, n, temperature, seed)
+            engine.submit(single)
+            assert answers.done.wait(60)
+            alone.append(answers)
+        steps_alone = engine.steps
+
+        jobs = [job(model, conversation(i, w, t), m, n, temp, s) for i, w, t, m, n, temp, s in REQUESTS]
+        for single, _ in jobs[:-1]:  # together within the batch wait: one batch (two: with / without images)
+            engine.submit(single)
+        assert jobs[0][1].first.wait(60)
+        engine.submit(jobs[-1][0])  # a late arrival joins the running batch (left-padded to its length)
+        for _, answers in jobs:
+            assert answers.done.wait(60)
+    finally:
+        engine.stop()
+    assert engine.steps - steps_alone < steps_alone / 2  # decoded together, not one after another
+    for (_, together), single, request in zip(jobs, alone, REQUESTS, strict=True):
+        assert together.texts == single.texts, request
+        assert together.reasons == single.reasons and together.tokens == single.tokens, request
+    assert alone[1].reasons == ["length"] and alone[1].tokens == [5]
+    assert len(set(alone[3].texts)) == 2  # the two sampled answers differ
+
+
+def test_greedy_answer_equals_flamingo_generate(model):
+    messages = conversation(2, 3, turns=2)
+    single, answers = job(model, messages, max_tokens=10)
+    engine = Engine(model)
+    engine.start()
+    try:
+        engine.submit(single)
+        assert answers.done.wait(60)
+    finally:
+        engine.stop()
+    text = model.config.prompt_format.render(
+        parse_messages(messages, Limits("m")).messages, add_generation_prompt=True
+    ).text
+    images = prepare_prompt(
+        model, model.config.prompt_format, parse_messages(messages, Limits("m")), ImagePolicy()
+    ).images
+    inputs = prepare_inputs(model, [text], [[]])
+    output = model.generate(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        images=images,
+        max_new_tokens=10,
+        do_sample=False,
+    )
+    expected = model.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert answers.texts == [expected]
+    assert answers.tokens == [output.shape[1] - inputs["input_ids"].shape[1]]
+
+
+def test_score_job_ranks_candidates_with_the_prompt_computed_once(model):
+    from openflamingo.eval.inference import rank_classes_from_tensors
+
+    prompt = prepare_prompt(
+        model, model.config.prompt_format, parse_messages(conversation(1, 2), Limits("m")), ImagePolicy()
+    )
+    candidates = [[40, 41], [50], [60, 61, 62]]
+    engine = Engine(model)
+    engine.start()
+    try:
+        scoring = ScoreJob(prompt.input_ids, prompt.images, candidates)
+        engine.submit(scoring)
+        scores = scoring.result.result(60)
+    finally:
+        engine.stop()
+    ids = torch.tensor([prompt.input_ids])
+    expected = rank_classes_from_tensors(
+        model, ids, torch.ones_like(ids), prompt.images, candidates, length_normalize=False
+    )
+    torch.testing.assert_close(torch.tensor(scores), expected[0])
+
+
+class CharTokenizer:
+    """Each token is one character of `text`; decoding joins them (enough for stop handling)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "".join(self.text[t] for t in tokens if t >= 0)
+
+
+def test_stop_sequences_end_the_answer_and_are_never_streamed():
+    text = "the cat sat. END here"
+    completion = Completion(CharTokenizer(text), ["END", "xyz"], stop_token_ids={-1}, max_tokens=100)
+    streamed = [completion.add(i) for i in range(len(text)) if not completion.finished]
+    assert "".join(streamed) == "the cat sat. "
+    assert completion.finish_reason == "stop"
+    assert "E" not in "".join(streamed[:-1])  # the held-back "E" was never sent before the stop was certain
