@@ -40,8 +40,10 @@ browser:
 
 test: install $(COMPAT_VENV)/.installed browser
 	$(BIN)/python -m pytest -q
-	# the real-backbone reproducibility runs (minutes) once, in the main venv: they test our kernels, not the LM's API
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --ignore tests/test_reproducible.py
+	# the real-backbone reproducibility runs (minutes) and the chat page in Chromium run once, in the main venv: they
+	# test our kernels and our page, not the LM's API
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --ignore tests/test_reproducible.py \
+		--ignore tests/test_serve_page.py
 
 demo: install
 	$(BIN)/openflamingo train

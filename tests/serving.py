@@ -84,3 +84,59 @@ def data_url(data: bytes, media_type: str = "image/png") -> str:
 
 def image_part(color=(200, 30, 30)) -> dict:
     return {"type": "image_url", "image_url": {"url": data_url(png_bytes(color))}}
+
+
+def chromium_missing() -> str | None:
+    """Why the page cannot be tested in a real browser here, or None when it can."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium is not installed (pip install selenium; `make test` installs it)"
+    for program in ("chromium", "chromedriver"):
+        if shutil.which(program) is None:
+            return f"{program} is not installed (apt-get install chromium chromium-driver; `make browser` does it)"
+    return None
+
+
+def start_chromium(width: int = 1000, height: int = 720):
+    """Debian's chromium, headless, driven through its own chromedriver (no driver download)."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    # --no-sandbox: the suite runs as root in CI containers, where chromium's sandbox cannot start.
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)
+    options.add_argument(f"--window-size={width},{height}")
+    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+
+
+def ask_in_page(driver, question: str, image_paths=(), timeout: float = 120) -> str:
+    """Attach the images with the page's file picker, type the question, send it and wait until the streamed
+    answer is complete; returns the answer's text as the page shows it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    answered = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+    for path in image_paths:
+        attached = len(driver.find_elements(By.CSS_SELECTOR, "#attachments img"))
+        driver.find_element(By.ID, "file").send_keys(str(path))
+        WebDriverWait(driver, timeout).until(
+            lambda d, n=attached: len(d.find_elements(By.CSS_SELECTOR, "#attachments img")) > n
+        )
+    driver.find_element(By.ID, "question").send_keys(question)
+    driver.find_element(By.ID, "send").click()
+    WebDriverWait(driver, timeout).until(
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) > answered
+            or d.find_elements(By.CSS_SELECTOR, ".msg.error")
+        )
+    )
+    errors = driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+    if errors:
+        raise AssertionError(f"the page shows an error: {errors[-1].text}")
+    return driver.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")[-1].text
