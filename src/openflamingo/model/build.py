@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -49,7 +50,21 @@ def build_language_model(config: FlamingoConfig):
     if tokenizer_source is None:
         raise ValueError("FlamingoConfig.tokenizer is required when the LM comes from language_model_config")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+    if tokenizer.pad_token is not None and not _declares_pad_token(tokenizer_source):
+        # transformers 5 gives some tokenizer classes a pad token of their own when the files name none (GPT-NeoX's:
+        # <|padding|>); 4.x did not. The files decide, so both build the same vocabulary, and the one OpenFlamingo's
+        # releases were trained with (gpt-neox-20b's tokenizer + <|endofchunk|>, <image>, <PAD>).
+        tokenizer.pad_token = None
     return lm.float().eval(), tokenizer
+
+
+def _declares_pad_token(directory) -> bool:
+    """Whether a tokenizer directory's own files name a pad token."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = Path(directory) / name
+        if path.is_file() and json.loads(path.read_text()).get("pad_token") is not None:
+            return True
+    return False
 
 
 def build_flamingo(config: FlamingoConfig, seed: int | None = None) -> Flamingo:
