@@ -8,6 +8,7 @@ same files: logits of an interleaved batch and greedy generation from few-shot p
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,17 @@ def test_generate_command_answers_like_openflamingo(tmp_path, capsys):
     eoc = meta["tokenizer"]["eoc_token_id"]
     expected = meta["new_tokens"][0][: top.index(eoc) if eoc in top else len(top)]
     assert captured.out.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+def test_the_pad_token_is_the_one_the_tokenizer_files_name(tmp_path):
+    """transformers 5's GPTNeoXTokenizer makes up <|padding|> when the files name no pad token (4.x did not): the
+    releases' tokenizer names none, and OpenFlamingo added <PAD> to it."""
+    from openflamingo.model.build import load_tokenizer
+
+    lm = FIXTURES / "openflamingo_4b" / "lm"
+    assert load_tokenizer(lm).pad_token is None
+    named = tmp_path / "named"
+    shutil.copytree(lm, named, ignore=shutil.ignore_patterns("*.bin"))
+    config = json.loads((named / "tokenizer_config.json").read_text())
+    (named / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|padding|>"}))
+    assert load_tokenizer(named).pad_token == "<|padding|>"

@@ -40,16 +40,16 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def load_tokenizer(name_or_path: str):
     """A local HF tokenizer directory, or a packaged language model's name (e.g. smollm2-135m)."""
-    from transformers import AutoTokenizer
-
     from ..backbones import LANGUAGE_MODEL_NAMES, resolve_language_model
+    from ..model.build import load_tokenizer as load_model_tokenizer
 
     path = (
         resolve_language_model(name_or_path) if name_or_path in LANGUAGE_MODEL_NAMES else Path(name_or_path)
     )
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    return AutoTokenizer.from_pretrained(str(path))
+    # as a model built on it sees it (a pad token only when the files name one)
+    return load_model_tokenizer(path)
 
 
 def run_inspect(args: argparse.Namespace) -> None:

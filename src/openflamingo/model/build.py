@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # backbones come from packages or 
 
 def build_language_model(config: FlamingoConfig):
     """(language model, tokenizer) in fp32; random init when `language_model_config` is given."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if config.language_model_config is not None:
         lm_config = dict(config.language_model_config)
@@ -49,13 +49,21 @@ def build_language_model(config: FlamingoConfig):
     tokenizer_source = config.tokenizer or lm_dir
     if tokenizer_source is None:
         raise ValueError("FlamingoConfig.tokenizer is required when the LM comes from language_model_config")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
-    if tokenizer.pad_token is not None and not _declares_pad_token(tokenizer_source):
-        # transformers 5 gives some tokenizer classes a pad token of their own when the files name none (GPT-NeoX's:
-        # <|padding|>); 4.x did not. The files decide, so both build the same vocabulary, and the one OpenFlamingo's
-        # releases were trained with (gpt-neox-20b's tokenizer + <|endofchunk|>, <image>, <PAD>).
+    return lm.float().eval(), load_tokenizer(tokenizer_source)
+
+
+def load_tokenizer(directory):
+    """A tokenizer directory's tokenizer, with a pad token only when its files name one.
+
+    transformers 5 gives some tokenizer classes a pad token of their own when the files name none (GPT-NeoX's:
+    <|padding|>); 4.x did not. The files decide, so both versions build the same vocabulary, and the one OpenFlamingo's
+    releases were trained with (gpt-neox-20b's tokenizer + <|endofchunk|>, <image>, <PAD>)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.pad_token is not None and not _declares_pad_token(directory):
         tokenizer.pad_token = None
-    return lm.float().eval(), tokenizer
+    return tokenizer
 
 
 def _declares_pad_token(directory) -> bool:
