@@ -217,3 +217,30 @@ def test_the_server_still_answers_after_bad_requests(server):
     assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
     unknown = httpx.get(f"{url}/v1/nothing", headers=AUTH, timeout=10)
     assert unknown.status_code == 404 and "error" in unknown.json()
+
+
+def test_http_image_urls_are_read_only_when_allowed(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from openflamingo.serve.errors import ApiError
+    from openflamingo.serve.images import read_image
+
+    (tmp_path / "red.png").write_bytes(png_bytes(size=(40, 30)))
+    (tmp_path / "big.png").write_bytes(png_of((300, 300)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{web.server_address[1]}"
+        assert read_image(f"{base}/red.png", "part", ImagePolicy(allow_urls=True)).size == (40, 30)
+        for url, policy, code in (
+            (f"{base}/red.png", ImagePolicy(), "image_url_not_allowed"),
+            (f"{base}/big.png", ImagePolicy(allow_urls=True, max_bytes=500), "image_too_large"),
+            (f"{base}/missing.png", ImagePolicy(allow_urls=True), "invalid_image"),
+        ):
+            with pytest.raises(ApiError) as refused:
+                read_image(url, "part", policy)
+            assert refused.value.code == code and refused.value.param == "part"
+        web.shutdown()

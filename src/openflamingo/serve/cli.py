@@ -27,6 +27,7 @@ def register(commands) -> None:
     serve.add_argument(
         "--max-batch-size", type=int, default=16, help="answers decoded together (and the most n)"
     )
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     serve.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="how long an idle server gathers a batch"
     )
@@ -67,8 +68,15 @@ def run(args: argparse.Namespace) -> None:
         raise FileNotFoundError(
             f"no model to serve: {DEFAULT_CHECKPOINT} does not exist; run `make demo` first, or pass --checkpoint DIR"
         )
-    for name in ("max_batch_size", "max_image_bytes", "max_image_pixels", "max_images", "max_tokens"):
-        if getattr(args, name) < 1:
+    for name in (
+        "max_batch_size",
+        "max_image_bytes",
+        "max_image_pixels",
+        "max_images",
+        "max_tokens",
+        "threads",
+    ):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         raise FileNotFoundError(f"--allow-local-images: {args.allow_local_images} is not a directory")
@@ -85,6 +93,8 @@ def run(args: argparse.Namespace) -> None:
     from .images import ImagePolicy
     from .protocol import Limits
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     model = load(checkpoint).to(device=device, dtype=getattr(torch, dtype)).eval()

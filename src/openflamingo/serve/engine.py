@@ -112,11 +112,18 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stopping.is_set():
-                self._collect()
-                self._admit()
-                for batch in self._batches.values():
-                    if batch.rows:
-                        self._step(batch)
+                try:
+                    self._collect()
+                    self._admit()
+                    for batch in self._batches.values():
+                        if batch.rows:
+                            self._step(batch)
+                except Exception as error:  # a bug must not leave every later request waiting forever
+                    traceback.print_exc()
+                    for batch in self._batches.values():
+                        for row in batch.rows:
+                            row.job.emit(Failed(f"{type(error).__name__}: {error}"))
+                        batch.keep([])
 
     def _running(self) -> int:
         return sum(len(b) for b in self._batches.values())
@@ -147,6 +154,10 @@ class Engine:
             if isinstance(job, GenerationJob):
                 if job.cancelled.is_set():
                     self._waiting.popleft()
+                    continue
+                if len(job.sampling) > self.max_batch_size:
+                    self._waiting.popleft()
+                    job.emit(Failed(f"n={len(job.sampling)} exceeds the batch size {self.max_batch_size}"))
                     continue
                 if self._running() + len(job.sampling) > self.max_batch_size:
                     return
