@@ -27,6 +27,15 @@ FAMILIES = ["openflamingo_3b", "openflamingo_4b", "openflamingo_9b"]
 TOLERANCE = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two, which spin-wait on each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def convert(bundle: Path, out: Path, capsys) -> str:
     rc = cli_main(
         [
