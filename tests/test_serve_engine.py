@@ -92,7 +92,7 @@ def test_batched_answers_equal_answers_served_alone(model):
             engine.submit(single)
             assert answers.done.wait(60)
             alone.append(answers)
-        steps_alone = engine.steps
+        steps_alone, prefills_alone = engine.steps, engine.prefills
 
         jobs = [job(model, conversation(i, w, t), m, n, temp, s) for i, w, t, m, n, temp, s in REQUESTS]
         for single, _ in jobs[:-1]:  # together within the batch wait: one batch (two: with / without images)
@@ -104,6 +104,7 @@ def test_batched_answers_equal_answers_served_alone(model):
     finally:
         engine.stop()
     assert engine.steps - steps_alone < steps_alone / 2  # decoded together, not one after another
+    assert engine.prefills - prefills_alone == 3  # with images, without, the late arrival
     for (_, together), single, request in zip(jobs, alone, REQUESTS, strict=True):
         assert together.texts == single.texts, request
         assert together.reasons == single.reasons and together.tokens == single.tokens, request

@@ -46,13 +46,18 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def repeat(self, times: int) -> Batch:
-        """A one-row batch (a request's prefill) as `times` rows (its `n` answers), sharing one prefill."""
-        if times == 1:
+    def repeat(self, answers: list[int]) -> Batch:
+        """Prefilled prompts (one row each) as rows for their answers: row b repeated answers[b] times (a request's
+        `n` answers share one prefill)."""
+        if all(a == 1 for a in answers):
             return self
-        rep = lambda t: None if t is None else t.repeat_interleave(times, dim=0)  # noqa: E731
+        counts = torch.tensor(answers, device=self.mask.device)
+
+        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(counts, dim=0)
+
         return Batch(
-            rows=self.rows * times,
+            rows=self.rows,
             cache=DynamicCache([(rep(k), rep(v)) for k, v in cache_layers(self.cache)]),
             mask=rep(self.mask),
             positions=rep(self.positions),

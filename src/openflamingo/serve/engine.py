@@ -1,13 +1,14 @@
-"""The one thread that runs the model: requests are prefilled one by one, then decoded together in a batch.
+"""The one thread that runs the model: requests are prefilled and decoded together, as left-padded batches.
 
-Continuous batching: between two decode steps, waiting requests join (up to `max_batch_size` rows; a request with
-`n` answers takes n rows sharing one prefill), and finished ones leave at once. When the engine is idle it waits
-`batch_wait_s` after the first arrival so that requests sent together start together.
+Continuous batching: between two decode steps, the waiting requests that fit (up to `max_batch_size` rows; a request
+with `n` answers takes n rows sharing one prefill) are prefilled in one forward and join the running batch, and
+finished ones leave at once. When the engine is idle it waits `batch_wait_s` after the first arrival so that
+requests sent together start together.
 
 Two batches run side by side, one for requests with images and one without: with images in play the gated blocks
 also run their feed-forward on every token (as Flamingo computes), so a text-only request must never share a batch
-with images, or its answer would change. A request's answer does not depend on the other rows: its prefill runs
-alone, its padding is masked, its images' keys/values are its own and it samples from its own RNG.
+with images, or its answer would change. A request's answer does not depend on the other rows: padding is masked
+(and gets position ids of its own), its images' keys/values are its own, and it samples from its own RNG.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ class Engine:
         self._batches = {True: Batch(), False: Batch()}  # with images, without
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="openflamingo-engine", daemon=True)
-        self.steps = 0  # decode steps run (for tests and the benchmark: batching means fewer steps)
+        # Forwards run (for tests and the benchmark: batching means fewer of both).
+        self.steps = 0  # decode steps
+        self.prefills = 0  # prefill forwards
 
     # ----- called from other threads ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -148,69 +151,79 @@ class Engine:
                 return
 
     def _admit(self) -> None:
-        # First come, first served: a request that does not fit yet blocks later ones (no starvation of large n).
+        """Prefill the waiting requests that fit, those with images as one left-padded batch and those without as
+        another. First come, first served: a request that does not fit yet blocks later ones (no starvation of a
+        large n); scoring requests run as they come."""
+        admitted, rows = [], self._running()
         while self._waiting:
             job = self._waiting[0]
-            if isinstance(job, GenerationJob):
-                if job.cancelled.is_set():
-                    self._waiting.popleft()
-                    continue
-                if len(job.sampling) > self.max_batch_size:
-                    self._waiting.popleft()
-                    job.emit(Failed(f"n={len(job.sampling)} exceeds the batch size {self.max_batch_size}"))
-                    continue
-                if self._running() + len(job.sampling) > self.max_batch_size:
-                    return
-            self._waiting.popleft()
+            if isinstance(job, ScoreJob):
+                self._waiting.popleft()
+                self._score(job)
+                continue
+            if job.cancelled.is_set():
+                self._waiting.popleft()
+                continue
+            if len(job.sampling) > self.max_batch_size:
+                self._waiting.popleft()
+                job.emit(Failed(f"n={len(job.sampling)} exceeds the batch size {self.max_batch_size}"))
+                continue
+            if rows + len(job.sampling) > self.max_batch_size:
+                break
+            admitted.append(self._waiting.popleft())
+            rows += len(job.sampling)
+        for with_images in (True, False):
+            jobs = [job for job in admitted if (job.images is not None) == with_images]
+            if not jobs:
+                continue
             try:
-                if isinstance(job, ScoreJob):
-                    self._score(job)
-                else:
-                    self._prefill(job)
-            except Exception as error:  # a failing request must not stop the others
+                self._prefill(jobs, with_images)
+            except Exception as error:  # a failing prefill must not stop the running requests
                 traceback.print_exc()
-                message = f"{type(error).__name__}: {error}"
-                if isinstance(job, ScoreJob):
-                    job.result.set_exception(error)
-                else:
-                    job.emit(Failed(message))
+                for job in jobs:
+                    job.emit(Failed(f"{type(error).__name__}: {error}"))
 
-    def _prefill(self, job: GenerationJob) -> None:
+    def _prefill(self, jobs: list[GenerationJob], with_images: bool) -> None:
+        """The prompts of `jobs` in one forward (left-padded), their first tokens, and their rows joining the batch."""
         model, lm = self.model, self.model.language_model
-        ids = torch.tensor([job.input_ids], device=self.device)
-        kwargs = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "use_cache": True,
-            **self._last_logits,
-        }
-        part = Batch()
-        if job.images is None:
-            out = lm(**kwargs)
-        else:
-            visual = model.encode_images(job.images.to(self.device, self.dtype))
-            with model.media(visual, prompt_length=ids.shape[1]) as media:
+        length = max(len(job.input_ids) for job in jobs)
+        ids = torch.full((len(jobs), length), model.special_ids.pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), length), dtype=torch.long)
+        for b, job in enumerate(jobs):
+            ids[b, length - len(job.input_ids) :] = torch.tensor(job.input_ids)
+            mask[b, length - len(job.input_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True, **self._last_logits}
+        if self._takes_positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        part = Batch(mask=mask, positions=mask.sum(-1))
+        if with_images:
+            counts = [job.images.shape[1] for job in jobs]
+            pixels = torch.zeros(len(jobs), max(counts), *jobs[0].images.shape[2:])
+            for b, job in enumerate(jobs):
+                pixels[b, : counts[b]] = job.images[0]
+            visual = model.encode_images(pixels.to(self.device, self.dtype), counts)
+            with model.media(visual, prompt_length=length) as media:
                 out = lm(**kwargs)
-                part.visual, part.media_kv, part.images_seen = (
-                    visual,
-                    dict(media.keys_values),
-                    media.images_seen,
-                )
+            part.visual, part.media_kv, part.images_seen = visual, dict(media.keys_values), media.images_seen
+        else:
+            out = lm(**kwargs)
+        self.prefills += 1
         part.cache = getattr(out, "cache", None) or out.past_key_values
-        part.mask = kwargs["attention_mask"]
-        part.positions = torch.tensor([ids.shape[1]], device=self.device)
-        rows = [
+        answers = [len(job.sampling) for job in jobs]
+        part = part.repeat(answers)
+        part.rows = [
             Row(job, i, Completion(model.tokenizer, job.stop, self.stop_token_ids, job.max_tokens))
+            for job in jobs
             for i in range(len(job.sampling))
         ]
-        part = part.repeat(len(rows))
-        part.rows = rows
-        firsts = next_tokens(out.logits[:, -1].expand(len(rows), -1), job.sampling)
+        logits = out.logits[:, -1].repeat_interleave(torch.tensor(answers, device=out.logits.device), dim=0)
+        firsts = next_tokens(logits, [row.job.sampling[row.choice] for row in part.rows])
         part.next_tokens = torch.tensor(firsts, device=self.device)
         kept = self._advance(part, firsts)
         part.keep(kept)
         if kept:
-            self._batches[job.images is not None].join(part)
+            self._batches[with_images].join(part)
 
     def _step(self, batch: Batch) -> None:
         """One token for every row of `batch`."""
@@ -265,9 +278,13 @@ class Engine:
         return kept
 
     def _score(self, job: ScoreJob) -> None:
-        ids = torch.tensor([job.input_ids], device=self.device)
-        images = None if job.images is None else job.images.to(self.device, self.dtype)
-        scores = rank_classes_from_tensors(
-            self.model, ids, torch.ones_like(ids), images, job.candidates, length_normalize=False
-        )
-        job.result.set_result(scores[0].tolist())
+        try:
+            ids = torch.tensor([job.input_ids], device=self.device)
+            images = None if job.images is None else job.images.to(self.device, self.dtype)
+            scores = rank_classes_from_tensors(
+                self.model, ids, torch.ones_like(ids), images, job.candidates, length_normalize=False
+            )
+            job.result.set_result(scores[0].tolist())
+        except Exception as error:  # the scoring request fails, the server goes on
+            traceback.print_exc()
+            job.result.set_exception(error)
