@@ -28,7 +28,8 @@ NO_OP_FIELDS: dict[str, tuple] = {
     "response_format": (None, {"type": "text"}),
     "parallel_tool_calls": (None, True, False),
 }
-IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "name"}
+# Bookkeeping that does not change the answer: accepted and ignored.
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 
 
@@ -225,7 +226,7 @@ def _check_model(data: dict, limits: Limits) -> None:
 
 def _check_fields(data: dict, known: set[str], prefix: str = "") -> None:
     for key, value in data.items():
-        if key in known or (not prefix and key in IGNORED_FIELDS) or (prefix and key == "name"):
+        if key in known or (not prefix and key in IGNORED_FIELDS):
             continue
         if not prefix and key in NO_OP_FIELDS:
             if value in NO_OP_FIELDS[key] or (key in ("logit_bias", "tools") and not value):
