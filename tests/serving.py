@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+import torch
 from PIL import Image
 from tiny import TINY_CLIP, lm_config
 from transformers import AutoTokenizer
@@ -21,6 +23,16 @@ from openflamingo.serve.images import ImagePolicy
 from openflamingo.serve.protocol import Limits
 
 MODEL = "tiny-flamingo"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread than on two that spin-wait on each other on a busy machine; the engine
+    thread inherits the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(tokenizer_dir, seed: int = 0):

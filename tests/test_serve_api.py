@@ -8,7 +8,15 @@ import time
 
 import httpx
 import pytest
-from serving import MODEL, free_port, image_part, running_server, settings, tiny_model
+from serving import (
+    MODEL,
+    free_port,
+    image_part,
+    one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
+    running_server,
+    settings,
+    tiny_model,
+)
 
 from openflamingo.cli import main
 from openflamingo.model.inputs import prepare_inputs
@@ -49,7 +57,9 @@ def generate(model, messages, max_new_tokens) -> str:
         max_new_tokens=max_new_tokens,
         do_sample=False,
     )
-    return model.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return model.tokenizer.decode(
+        output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).lstrip()
 
 
 def test_answer_about_an_image_equals_flamingo_generate(client, model):

@@ -7,7 +7,11 @@ import threading
 
 import pytest
 import torch
-from serving import image_part, tiny_model
+from serving import (
+    image_part,
+    one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
+    tiny_model,
+)
 
 from openflamingo.model.inputs import prepare_inputs
 from openflamingo.serve.completion import Completion
@@ -136,7 +140,9 @@ def test_greedy_answer_equals_flamingo_generate(model):
         max_new_tokens=10,
         do_sample=False,
     )
-    expected = model.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    expected = model.tokenizer.decode(
+        output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).lstrip()
     assert answers.texts == [expected]
     assert answers.tokens == [output.shape[1] - inputs["input_ids"].shape[1]]
 

@@ -8,7 +8,15 @@ import io
 import httpx
 import pytest
 from PIL import Image
-from serving import MODEL, data_url, png_bytes, running_server, settings, tiny_model
+from serving import (
+    MODEL,
+    data_url,
+    one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
+    png_bytes,
+    running_server,
+    settings,
+    tiny_model,
+)
 
 from openflamingo.serve.images import ImagePolicy
 

@@ -7,6 +7,7 @@ import pytest
 from serving import (
     ask_in_page,
     chromium_missing,
+    one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
     png_bytes,
     running_server,
     settings,

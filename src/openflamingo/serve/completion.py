@@ -40,8 +40,10 @@ class Completion:
         return self._release(text, final=self.finished)
 
     def _text(self) -> str:
-        # The stop token itself is special and dropped, as `openflamingo generate` drops it.
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        # The stop token itself is special and dropped, and so is leading whitespace (the space a prompt format puts
+        # before its answers, "Short answer: circle"), as `openflamingo generate` drops both. Once a visible character
+        # has come the stripped prefix no longer changes, so text already sent stays a prefix of the answer.
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
 
     def _release(self, text: str, final: bool) -> str:
         end = len(text)
