@@ -77,6 +77,13 @@ def good_request(model: str, pool: list, rng: random.Random, max_tokens: int) ->
 
 def bad_request(kind: str, good: dict) -> bytes:
     body = json.loads(json.dumps(good))
+    if isinstance(
+        body["messages"][-1]["content"], str
+    ):  # text-only requests: as parts, to spoil like the others
+        body["messages"][-1]["content"] = [
+            image_part(b""),
+            {"type": "text", "text": body["messages"][-1]["content"]},
+        ]
     last = body["messages"][-1]["content"]
     if kind == "malformed json":
         return json.dumps(body).encode()[:-7]
@@ -100,13 +107,31 @@ def bad_request(kind: str, good: dict) -> bytes:
     return json.dumps(body).encode()
 
 
-def plan(model: str, requests: int, bad_fraction: float, max_tokens: int, seed: int) -> list[dict]:
+def text_request(model: str, rng: random.Random, max_tokens: int) -> dict:
+    """A question without images: the frozen LM alone answers, at length (decoding dominates, unlike easy-VQA's
+    one-word answers)."""
+    topic = rng.choice(["circles", "squares", "triangles", "colors", "shapes", "rectangles"])
+    words = rng.randint(1, 12)
+    question = f"Write a long story about {topic}" + " and their friends" * words + "."
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
+def plan(
+    model: str, requests: int, bad_fraction: float, max_tokens: int, seed: int, text_only: bool = False
+) -> list[dict]:
     rng = random.Random(seed)
     pool = easy_vqa_pool(200, seed)
     every = round(1 / bad_fraction) if bad_fraction > 0 else 0
     out = []
     for i in range(requests):
-        good = good_request(model, pool, rng, max_tokens)
+        good = (
+            text_request(model, rng, max_tokens) if text_only else good_request(model, pool, rng, max_tokens)
+        )
         if every and i % every == every - 1:
             kind = BAD_KINDS[(i // every) % len(BAD_KINDS)]
             out.append({"index": i, "bad": kind, "body": bad_request(kind, good)})
@@ -208,6 +233,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--text-only", action="store_true", help="questions without images that the LM answers at length"
+    )
+    parser.add_argument(
+        "--prompt-format", help="the server's --prompt-format (e.g. chat: the LM's chat template)"
+    )
+    parser.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice)")
     args = parser.parse_args()
 
     port, model = free_port(), "demo"
@@ -223,13 +255,15 @@ def main() -> None:
         str(MAX_IMAGES),
     ]
     command += ["--max-batch-size", str(args.max_batch_size)]
+    command += ["--threads", str(args.threads)] if args.threads else []
+    command += ["--prompt-format", args.prompt_format] if args.prompt_format else []
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         line = server.stdout.readline()
         if "http://" not in line:
             raise SystemExit(f"the server did not start: {line!r}")
         url = f"http://127.0.0.1:{port}"
-        requests = plan(model, args.requests, args.bad_fraction, args.max_tokens, args.seed)
+        requests = plan(model, args.requests, args.bad_fraction, args.max_tokens, args.seed, args.text_only)
         run_level(url, requests[:8], 4)  # warm-up: first calls allocate caches and buffers
         before = rss_mib(server.pid)
         print(
@@ -250,6 +284,9 @@ def main() -> None:
                     r["index"]: r["answer"] for r in records if r["status"] == 200 and r["bad"] is None
                 }
             summary["rss_mib"] = round(rss_mib(server.pid), 1)
+            summary["load_average_1min"] = os.getloadavg()[
+                0
+            ]  # this machine is shared: foreign load shows here
             rows.append(summary)
             print(json.dumps(summary), flush=True)
         after = rss_mib(server.pid)
