@@ -14,6 +14,7 @@ with images, or its answer would change. A request's answer does not depend on t
 from __future__ import annotations
 
 import collections
+import ctypes
 import queue
 import threading
 import time
@@ -29,6 +30,16 @@ from ..model.language import forward_accepts
 from .batch import Batch
 from .completion import Completion
 from .sampling import Sampling, next_tokens
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS when a burst of requests is over. glibc keeps it otherwise (the high-water
+    mark of the largest batch, and one arena per thread that touched the heap: the request handlers' worker threads
+    decode images), and the server's RSS would stay at its peak for good."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 @dataclass
@@ -95,6 +106,7 @@ class Engine:
         # Forwards run (for tests and the benchmark: batching means fewer of both).
         self.steps = 0  # decode steps
         self.prefills = 0  # prefill forwards
+        self._busy = False  # work since the engine was last idle
 
     # ----- called from other threads ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,10 +146,14 @@ class Engine:
     def _collect(self) -> None:
         """Move arrivals to the waiting line; block (briefly, to notice stop()) only when there is nothing to do."""
         if not self._running() and not self._waiting:
+            if self._busy:
+                self._busy = False
+                release_memory()
             try:
                 self._waiting.append(self._queue.get(timeout=0.1))
             except queue.Empty:
                 return
+            self._busy = True
             deadline = time.monotonic() + self.batch_wait_s
             while (left := deadline - time.monotonic()) > 0 and len(self._waiting) < self.max_batch_size:
                 try:
