@@ -5,7 +5,7 @@
 
 The server runs as its own process (`openflamingo serve`, CPU, --max-batch-size 16), so its resident memory is
 measured alone: after a warm-up (RSS before) and after all runs (RSS after). Requests are easy-VQA conversations
-from the test split: 1-4 images, the earlier ones as answered few-shot turns, so prompts run from ~20 to ~90 tokens;
+from the test split: 1-4 images, the earlier ones as answered few-shot turns, so prompts run from ~13 to ~60 tokens;
 greedy, max_tokens 16. One request in ten is bad, cycling through malformed JSON, an unknown model, a non-image, a
 truncated image, too many images, max_tokens out of range, a wrong type and a prompt over the context.
 
