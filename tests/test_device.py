@@ -148,3 +148,41 @@ def test_prefetcher_raises_the_loader_error_in_the_training_loop(tokenizer_dir, 
                 next(prefetcher)
     finally:
         prefetcher.close()
+
+
+@pytest.mark.parametrize("images", [1, 0], ids=["with-images", "text-only"])
+def test_serving_engine_sends_requests_to_the_model_device(tokenizer_dir, images):
+    """A request's prompt and images are prepared on the CPU; the engine's prefill must move them."""
+    from serving import tiny_model as serving_model
+    from test_serve_engine import conversation, job
+
+    from openflamingo.serve.engine import Engine
+
+    model = serving_model(tokenizer_dir)
+    request, _ = job(model, conversation(images, words=2), max_tokens=3)
+    model.to(META)
+    install_device_checks(model, META)
+    engine = Engine(model, batch_wait_s=0.0)  # driven on this thread: a failed check propagates here
+    engine.submit(request)
+    engine._collect()
+    with pytest.raises(ReachedModel, match="vision" if images else "lm"):
+        engine._admit()
+
+
+def test_conversation_scoring_sends_inputs_to_the_model_device(tokenizer_dir):
+    """The fine-tuning demo's before/after scoring (eval/conversations.py)."""
+    from test_conversations import _png
+
+    from openflamingo.data.samples import Conversation, ImageItem, Turn
+    from openflamingo.eval.conversations import evaluate_conversations
+
+    model = tiny_model(tokenizer_dir)
+    model.to(META)
+    install_device_checks(model, META)
+    conversation = Conversation(
+        "c",
+        [Turn("user", "<image>what colour?"), Turn("assistant", "It is red.")],
+        [ImageItem(_png("red"), "png")],
+    )
+    with pytest.raises(ReachedModel, match="check_inputs"):
+        evaluate_conversations(model, [conversation], ["red"], progress=False)
