@@ -11,7 +11,8 @@ import dataclasses
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,10 @@ def save_pretrained(
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
     config = _self_contained(model, include_backbones)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        state = {plain_key(k): v for k, v in model.state_dict().items() if not is_lora_key(k)}
-        keys = stored_keys(model.config, model.state_dict(), include_backbones, model.decoder_layers_path)
+    with atomic_directory(directory) as tmp:
+        full = model.state_dict()
+        state = {plain_key(k): v for k, v in full.items() if not is_lora_key(k)}
+        keys = stored_keys(model.config, full, include_backbones, model.decoder_layers_path)
         # Tied weights share storage; safetensors refuses aliases, so store each tensor as its own copy.
         tensors = {k: state[k].detach().contiguous().cpu().clone() for k in keys}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": FORMAT})
@@ -95,13 +95,23 @@ def save_pretrained(
             "includes_backbones": include_backbones,
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+@contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """A temporary sibling of `directory` to write into, renamed to `directory` (replacing it) once the block
+    completes: a crash never leaves half a directory."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
 
 
 def read_config(directory: str | Path) -> dict:

@@ -21,7 +21,6 @@ import functools
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -415,9 +414,9 @@ def convert_mosaic_gpt(
     config["torch_dtype"] = str(weights["transformer.wte.weight"].dtype).removeprefix("torch.")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    from .checkpoint import atomic_directory
+
+    with atomic_directory(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(
             {k: v.contiguous() for k, v in weights.items()},
@@ -428,12 +427,6 @@ def convert_mosaic_gpt(
             if (directory / name).is_file():
                 shutil.copyfile(directory / name, tmp / name)
                 report.tokenizer_files.append(name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
