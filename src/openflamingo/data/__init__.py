@@ -2,6 +2,7 @@
 
 from .batching import Batcher, PackingConfig, PreparedSample, collate_packed, collate_padded, pack_rows
 from .dataset import BadDataError, DatasetConfig, ShardStream
+from .features import FeatureCache, build_feature_cache
 from .images import ImageLimits, decode_image
 from .loader import MixedLoader, ShardLoader
 from .samples import (
@@ -22,6 +23,7 @@ __all__ = [
     "Batcher",
     "BadSample",
     "DatasetConfig",
+    "FeatureCache",
     "FormatConfig",
     "ImageItem",
     "ImageLimits",
@@ -35,6 +37,7 @@ __all__ = [
     "ShardStream",
     "ShardWriter",
     "TextItem",
+    "build_feature_cache",
     "collate_packed",
     "collate_padded",
     "decode_image",

@@ -23,7 +23,7 @@ class PreparedSample:
 
     input_ids: list[int]
     labels: list[int]
-    images: list[torch.Tensor]  # (C, H, W) each; stacked once, into the batch tensor
+    images: list[torch.Tensor]  # (C, H, W) each, or cached encoder tokens (num_tokens, dim); stacked once
     ref: Any = None
 
     def __len__(self) -> int:
@@ -32,6 +32,20 @@ class PreparedSample:
     @property
     def num_images(self) -> int:
         return len(self.images)
+
+
+@dataclass(frozen=True)
+class MediaLayout:
+    """What a batch's per-image tensors are and under which key they go: preprocessed pixels (C, H, W) under
+    `images`, or the vision encoder's tokens (num_tokens, dim) from a feature cache under `image_features`.
+    `shape` and `dtype` make the zero slot of a batch without any image."""
+
+    key: str = "images"
+    shape: tuple[int, ...] = (3, 1, 1)
+    dtype: torch.dtype = torch.float32
+
+
+PIXELS = MediaLayout()
 
 
 @dataclass
@@ -78,16 +92,20 @@ def pack_rows(
     return [sorted(row) for row in rows]
 
 
-def _image_tensor(per_row: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T_img, 1, C, H, W) from each row's images in order, zero-padded to the row with most; and the counts."""
+def _image_tensor(
+    per_row: list[list[torch.Tensor]], media: MediaLayout = PIXELS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T_img, 1, C, H, W) (or (B, T_img, 1, num_tokens, dim) of cached features) from each row's images in
+    order, zero-padded to the row with most; and the counts."""
     counts = [len(row) for row in per_row]
     shapes = {tuple(t.shape) for row in per_row for t in row}
     if len(shapes) > 1:
         raise ValueError(
             f"preprocessed images have different shapes {sorted(shapes)}; the preprocess must resize"
         )
-    shape = shapes.pop() if shapes else (3, 1, 1)
-    images = torch.empty(len(per_row), max(max(counts), 1), 1, *shape)  # each slot written once below
+    first = next((t for row in per_row for t in row), None)
+    shape, dtype = (first.shape, first.dtype) if first is not None else (media.shape, media.dtype)
+    images = torch.empty(len(per_row), max(max(counts), 1), 1, *shape, dtype=dtype)  # each slot written below
     for b, row in enumerate(per_row):
         for i, image in enumerate(row):
             images[b, i, 0] = image
@@ -95,7 +113,9 @@ def _image_tensor(per_row: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torc
     return images, torch.tensor(counts, dtype=torch.long)
 
 
-def collate_padded(samples: Sequence[PreparedSample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_padded(
+    samples: Sequence[PreparedSample], pad_id: int, media: MediaLayout = PIXELS
+) -> dict[str, torch.Tensor]:
     """One sample per row, right-padded to the longest; images zero-padded to the most images in the batch."""
     length = max(len(s) for s in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
@@ -105,17 +125,19 @@ def collate_padded(samples: Sequence[PreparedSample], pad_id: int) -> dict[str, 
         input_ids[b, : len(sample)] = torch.tensor(sample.input_ids)
         labels[b, : len(sample)] = torch.tensor(sample.labels)
         attention_mask[b, : len(sample)] = 1
-    images, num_images = _image_tensor([s.images for s in samples])
-    return dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        labels=labels,
-        images=images,
-        num_images=num_images,
-    )
+    images, num_images = _image_tensor([s.images for s in samples], media)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        media.key: images,
+        "num_images": num_images,
+    }
 
 
-def collate_packed(rows: Sequence[Sequence[PreparedSample]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(
+    rows: Sequence[Sequence[PreparedSample]], pad_id: int, media: MediaLayout = PIXELS
+) -> dict[str, torch.Tensor]:
     """Several documents per row, right-padded to the longest row, with document_ids (0 = padding)."""
     lengths = [sum(len(s) for s in row) for row in rows]
     length = max(lengths)
@@ -130,26 +152,33 @@ def collate_packed(rows: Sequence[Sequence[PreparedSample]], pad_id: int) -> dic
             labels[b, start:end] = torch.tensor(sample.labels)
             document_ids[b, start:end] = document
             start = end
-    images, num_images = _image_tensor([[image for s in row for image in s.images] for row in rows])
-    return dict(
-        input_ids=input_ids,
-        attention_mask=(document_ids > 0).long(),
-        labels=labels,
-        images=images,
-        num_images=num_images,
-        document_ids=document_ids,
-    )
+    images, num_images = _image_tensor([[image for s in row for image in s.images] for row in rows], media)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (document_ids > 0).long(),
+        "labels": labels,
+        media.key: images,
+        "num_images": num_images,
+        "document_ids": document_ids,
+    }
 
 
 class Batcher:
     """Collects prepared samples into batches: `batch_size` samples (padded) or `batch_size` packed rows."""
 
-    def __init__(self, batch_size: int, pad_id: int, packing: PackingConfig | None = None):
+    def __init__(
+        self,
+        batch_size: int,
+        pad_id: int,
+        packing: PackingConfig | None = None,
+        media: MediaLayout = PIXELS,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.packing = packing
+        self.media = media
         self.pending: list[PreparedSample] = []  # arrived, not yet in a batch (part of the loader state)
 
     def add(self, sample: PreparedSample) -> None:
@@ -167,7 +196,7 @@ class Batcher:
             return None
         if self.packing is None:
             batch, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
-            return collate_padded(batch, self.pad_id)
+            return collate_padded(batch, self.pad_id, self.media)
         rows = pack_rows(
             [len(s) for s in self.pending],
             [s.num_images for s in self.pending],
@@ -178,4 +207,4 @@ class Batcher:
         placed = {i for row in rows for i in row}
         batch_rows = [[self.pending[i] for i in row] for row in rows]
         self.pending = [s for i, s in enumerate(self.pending) if i not in placed]
-        return collate_packed(batch_rows, self.pad_id)
+        return collate_packed(batch_rows, self.pad_id, self.media)

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .batching import Batcher, PackingConfig, PreparedSample
+from .batching import PIXELS, Batcher, MediaLayout, PackingConfig, PreparedSample
+from .features import FeatureCache
 from .images import ImageLimits, decode_image
 from .samples import UNDECODABLE_IMAGE, BadSample, Sample, sample_from_members
 from .shards import check_local_shards, expand_shards, read_samples_at, read_shard
@@ -76,6 +77,8 @@ class ShardStream(IterableDataset):
 
     Meant for torchdata's StatefulDataLoader with `batch_size=None` (see loader.py), which calls these in each
     worker after every batch; the state also carries the worker's counts of good, truncated and bad samples.
+    With a `features` cache (features.py) images are looked up by their bytes instead of decoded and preprocessed,
+    and batches hold the encoder's tokens as `image_features` (B, T_img, 1, num_tokens, dim) instead of `images`.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class ShardStream(IterableDataset):
         preprocess: Preprocess,
         rank: int = 0,
         world_size: int = 1,
+        features: FeatureCache | None = None,
     ):
         self.config = config
         self.urls = expand_shards(config.shards)
@@ -95,6 +99,10 @@ class ShardStream(IterableDataset):
             )
         self.formatter = SampleFormatter(tokenizer, config.format)
         self.preprocess = preprocess
+        self.features = features
+        self.media = (
+            PIXELS if features is None else MediaLayout("image_features", features.shape, features.dtype)
+        )
         self.rank, self.world_size = rank, world_size
         self.fingerprint = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()[:16]
         self._restored: dict[str, Any] | None = None
@@ -125,7 +133,7 @@ class _WorkerStream:
         config = stream.config
         self.stream, self.config = stream, config
         self.worker, self.num_workers = worker, num_workers
-        self.batcher = Batcher(config.batch_size, stream.formatter.pad_id, config.packing)
+        self.batcher = Batcher(config.batch_size, stream.formatter.pad_id, config.packing, stream.media)
         self.buffer: list[tuple[tuple[int, int], Sample]] = []  # ((url index, offset), parsed sample)
         self.reader: Iterator | None = None
         self.counts: dict[str, Any] = {"samples": 0, "truncated": 0, "bad": {}}
@@ -280,17 +288,25 @@ class _WorkerStream:
         self._check_bad_fraction(index)
 
     def _prepare(self, ref: tuple[int, int], sample: Sample, count: bool = True) -> PreparedSample | None:
-        """Tokenize, decode and preprocess the images that survive truncation; None (counted) if bad."""
+        """Tokenize, decode and preprocess the images that survive truncation (or look up their cached encoder
+        tokens); None (counted) if bad."""
         try:
             tokens = self.stream.formatter.format_sample(sample)
             kept = sample.images[: tokens.num_images]
-            images = [
-                decode_image(item.data, f"{sample.key}.{item.extension}", self.config.images) for item in kept
-            ]
-            try:
-                pixels = [self.stream.preprocess(image) for image in images]
-            except Exception as error:  # odd images (1x1, extreme aspect) can break a preprocess
-                raise BadSample(UNDECODABLE_IMAGE, f"{sample.key}: preprocess failed: {error}") from None
+            if self.stream.features is not None:
+                where = f"{self.stream.urls[ref[0]]}: {sample.key}"
+                pixels = [
+                    self.stream.features.lookup(item.data, f"{where}.{item.extension}") for item in kept
+                ]
+            else:
+                images = [
+                    decode_image(item.data, f"{sample.key}.{item.extension}", self.config.images)
+                    for item in kept
+                ]
+                try:
+                    pixels = [self.stream.preprocess(image) for image in images]
+                except Exception as error:  # odd images (1x1, extreme aspect) can break a preprocess
+                    raise BadSample(UNDECODABLE_IMAGE, f"{sample.key}: preprocess failed: {error}") from None
         except BadSample as bad:
             if count:
                 self._record_bad(ref[0], bad)

@@ -16,6 +16,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .dataset import DatasetConfig, Preprocess, ShardStream
+from .features import FeatureCache
 
 # torchdata 0.11 calls torch.set_vital on every iteration, which newer torch deprecates with a warning each time.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -31,7 +32,8 @@ class ShardLoader:
     """Batches of one dataset for this rank; iterate it, and save/restore `state_dict()` with checkpoints.
 
     Resume with the same shards, seed, batch size, ranks and workers. With `epochs=None` (the default) iteration
-    never ends: each worker moves on to the next epoch (a new shard order) by itself.
+    never ends: each worker moves on to the next epoch (a new shard order) by itself. With `features` (a
+    FeatureCache of the frozen encoder's output) batches carry `image_features` instead of `images`.
     """
 
     def __init__(
@@ -42,11 +44,12 @@ class ShardLoader:
         rank: int | None = None,
         world_size: int | None = None,
         multiprocessing_context: str | None = None,
+        features: FeatureCache | None = None,
     ):
         if rank is None or world_size is None:
             rank, world_size = _distributed_rank_and_size()
         self.config = config
-        self.dataset = ShardStream(config, tokenizer, preprocess, rank, world_size)
+        self.dataset = ShardStream(config, tokenizer, preprocess, rank, world_size, features)
         # A worker without shards would only idle; fewer workers keep the batch order independent of that.
         self.num_workers = min(config.num_workers, self.dataset.shards_per_rank())
         self.loader = StatefulDataLoader(
@@ -107,11 +110,14 @@ class MixedLoader:
         rank: int | None = None,
         world_size: int | None = None,
         multiprocessing_context: str | None = None,
+        features: FeatureCache | None = None,
     ):
         if not configs:
             raise ValueError("a data mixture needs at least one dataset")
         self.loaders = {
-            name: ShardLoader(config, tokenizer, preprocess, rank, world_size, multiprocessing_context)
+            name: ShardLoader(
+                config, tokenizer, preprocess, rank, world_size, multiprocessing_context, features
+            )
             for name, config in configs.items()
         }
         self.loss_weights = {name: config.loss_weight for name, config in configs.items()}

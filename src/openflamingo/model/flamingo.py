@@ -244,23 +244,32 @@ class Flamingo(nn.Module):
             self._media = None
 
     def encode_images(
-        self, images: torch.Tensor, num_images: torch.Tensor | Sequence[int] | None = None
+        self,
+        images: torch.Tensor | None = None,
+        num_images: torch.Tensor | Sequence[int] | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """images (B, T_img, F, C, H, W) -> visual tokens (B, T_img, num_latents, D_vis).
+        """images (B, T_img, F, C, H, W) -> visual tokens (B, T_img, num_latents, D_vis); or, instead of images,
+        their vision-encoder tokens `image_features` (B, T_img, F, num_tokens, D_vis) computed beforehand (a
+        feature cache of the frozen encoder), which go straight to the perceiver.
 
         With `num_images` (B,), only the real images are encoded: the padding slots of a batch (samples with fewer
         images than T_img; packed rows often leave many) get zero tokens, which no text token attends to. Pass it
         as a list, or a CPU tensor, to avoid a device sync."""
-        B, T, num_frames = images.shape[:3]
+        if (images is None) == (image_features is None):
+            raise ValueError("pass images or image_features (precomputed vision-encoder tokens), exactly one")
+        media = images if images is not None else image_features
+        encode = self.vision_encoder if images is not None else nn.Identity()
+        B, T, num_frames = media.shape[:3]
         real = None
         if num_images is not None:
             real = (torch.arange(T) < torch.as_tensor(num_images, device="cpu").reshape(-1, 1)).flatten()
         if real is None or bool(real.all()):
-            tokens = self.vision_encoder(images.flatten(0, 2))
+            tokens = encode(media.flatten(0, 2))
             return self.perceiver(tokens.unflatten(0, (B, T, num_frames)))
-        index = real.nonzero().squeeze(1).to(images.device, non_blocking=True)
-        selected = images.flatten(0, 1).index_select(0, index)  # (N, F, C, H, W)
-        tokens = self.vision_encoder(selected.flatten(0, 1))
+        index = real.nonzero().squeeze(1).to(media.device, non_blocking=True)
+        selected = media.flatten(0, 1).index_select(0, index)  # (N, F, ...)
+        tokens = encode(selected.flatten(0, 1))
         visual = self.perceiver(tokens.unflatten(0, (1, len(index), num_frames)))[0]  # (N, n, D)
         out = visual.new_zeros(B * T, *visual.shape[1:]).index_copy(0, index, visual)
         return out.unflatten(0, (B, T))
@@ -275,6 +284,7 @@ class Flamingo(nn.Module):
         document_ids: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
         validate_inputs: bool = True,
+        image_features: torch.Tensor | None = None,
     ) -> FlamingoOutput:
         """Logits (and the loss when `labels` are given). `document_ids` (B, L) marks packed rows: 0 on padding,
         1, 2, ... per document; each document then sees only its own earlier tokens and its own images.
@@ -284,10 +294,13 @@ class Flamingo(nn.Module):
         `next_token_targets`; over a large vocabulary the LM head is otherwise a large share of the step's time and
         memory). Indices select without the device sync a mask costs.
 
+        `image_features` (B, T_img, F, num_tokens, D_vis) replaces `images` with the frozen vision encoder's output
+        for them, computed beforehand (`openflamingo.data.features`); give one or the other.
+
         `validate_inputs=False` skips `check_inputs`, whose data-dependent checks each wait for the device; pass it
         only for inputs already checked (the training loop checks each batch on the CPU before moving it)."""
         if validate_inputs:
-            self.check_inputs(input_ids, images, attention_mask, num_images)
+            self.check_inputs(input_ids, images, attention_mask, num_images, image_features)
         if logits_at is not None and labels is not None:
             raise ValueError("pass labels or logits_at, not both: the loss needs the logits at every label")
         if logits_at is not None:
@@ -300,10 +313,10 @@ class Flamingo(nn.Module):
             lm_kwargs.update(self._packed_lm_inputs(document_ids, input_ids))
         self._logits_at = logits_at
         try:
-            if images is None:
+            if images is None and image_features is None:
                 logits = self.language_model(**lm_kwargs).logits
             else:
-                visual_tokens = self.encode_images(images, num_images)
+                visual_tokens = self.encode_images(images, num_images, image_features)
                 with self.media(visual_tokens, document_ids=document_ids, validated=not validate_inputs):
                     logits = self.language_model(**lm_kwargs).logits
         finally:
@@ -373,7 +386,7 @@ class Flamingo(nn.Module):
             return {}
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
-    def check_inputs(self, input_ids, images, attention_mask, num_images) -> None:
+    def check_inputs(self, input_ids, images, attention_mask, num_images, image_features=None) -> None:
         """Clear errors for inputs that would otherwise fail deep inside or silently ignore images."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be an integer tensor (B, L); got {_describe(input_ids)}")
@@ -386,18 +399,25 @@ class Flamingo(nn.Module):
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
         media_counts = (input_ids == self.special_ids.media).sum(1).cpu()
-        if images is None:
+        if images is not None and image_features is not None:
+            raise ValueError("pass images or image_features (precomputed vision-encoder tokens), not both")
+        if images is None and image_features is None:
             if int(media_counts.max()) > 0:
                 raise ValueError("input_ids contain <image> tokens but no images were given")
             return
-        if not isinstance(images, torch.Tensor) or images.ndim != 6 or not images.is_floating_point():
-            raise ValueError(f"images must be a float tensor (B, T_img, F, C, H, W); got {_describe(images)}")
-        B, T = images.shape[:2]
-        if B != input_ids.shape[0] or images.shape[3] != 3:
-            raise ValueError(
-                f"images shape {tuple(images.shape)} does not fit input_ids {tuple(input_ids.shape)}: "
-                "need B equal and C = 3"
-            )
+        if images is not None:
+            if not isinstance(images, torch.Tensor) or images.ndim != 6 or not images.is_floating_point():
+                raise ValueError(
+                    f"images must be a float tensor (B, T_img, F, C, H, W); got {_describe(images)}"
+                )
+            if images.shape[0] != input_ids.shape[0] or images.shape[3] != 3:
+                raise ValueError(
+                    f"images shape {tuple(images.shape)} does not fit input_ids {tuple(input_ids.shape)}: "
+                    "need B equal and C = 3"
+                )
+        else:
+            self._check_image_features(image_features, input_ids)
+        B, T = (images if images is not None else image_features).shape[:2]
         expected = (
             torch.full((B,), T) if num_images is None else torch.as_tensor(num_images).reshape(-1).cpu()
         )
@@ -416,6 +436,19 @@ class Flamingo(nn.Module):
                     f"sample {b} has {have} <image> tokens for {want} images, so images {have + 1}..{want} would be "
                     "ignored; pass num_images=[...] when the image tensor is padded"
                 )
+
+    def _check_image_features(self, features, input_ids) -> None:
+        if not isinstance(features, torch.Tensor) or features.ndim != 5 or not features.is_floating_point():
+            raise ValueError(
+                "image_features must be a float tensor (B, T_img, F, num_tokens, D_vis) of vision-encoder tokens; "
+                f"got {_describe(features)}"
+            )
+        encoder = (self.vision_encoder.num_tokens, self.vision_encoder.dim)
+        if features.shape[0] != input_ids.shape[0] or tuple(features.shape[3:]) != encoder:
+            raise ValueError(
+                f"image_features shape {tuple(features.shape)} does not fit input_ids {tuple(input_ids.shape)} and "
+                f"this model's vision encoder: need B equal and (num_tokens, D_vis) = {encoder}"
+            )
 
 
 def _check_logits_at(logits_at: torch.Tensor, input_ids: torch.Tensor) -> None:

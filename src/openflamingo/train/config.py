@@ -44,6 +44,10 @@ class DataConfig:
     # A registered name ("synthetic") or "package.module:function"; see openflamingo.train.data.build_loader.
     loader: str = "synthetic"
     seed: int | None = None  # defaults to train.seed
+    # Read the frozen vision encoder's output per image from a cache built once (openflamingo.data.features)
+    # instead of decoding, preprocessing and encoding every image at every step: its output for an image never
+    # changes while it is frozen. "shards" loader only; costs disk (images x num_tokens x dim x dtype bytes).
+    feature_cache: bool = False
 
 
 @dataclass
@@ -300,6 +304,11 @@ def validate(config: RunConfig) -> RunConfig:
             raise ValueError(f"train.lr_scale.{prefix}: must be >= 0, got {scale}")
     if t.min_lr > t.lr:
         raise ValueError(f"train.min_lr: {t.min_lr} is above train.lr={t.lr}")
+    if config.data.feature_cache and config.data.loader != "shards":
+        raise ValueError(
+            f'data.feature_cache: only the "shards" loader reads a feature cache, not '
+            f"data.loader={config.data.loader!r}"
+        )
     if not config.enabled_datasets():
         raise ValueError("datasets: no enabled dataset; add a [datasets.NAME] table with batch_size > 0")
     for name, d in config.enabled_datasets().items():

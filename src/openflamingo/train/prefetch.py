@@ -31,7 +31,11 @@ def prepare_batch(model: Flamingo, batch: Batch) -> Batch:
     predict, the number of loss tokens (a 0-d tensor: it travels with the batch to the device, where the loss is
     normalised) and of real tokens (a float: throughput is counted on the host)."""
     model.check_inputs(
-        batch["input_ids"], batch.get("images"), batch.get("attention_mask"), batch.get("num_images")
+        batch["input_ids"],
+        batch.get("images"),
+        batch.get("attention_mask"),
+        batch.get("num_images"),
+        batch.get("image_features"),  # with a feature cache: the vision encoder's tokens instead of images
     )
     positions, targets = next_token_targets(batch["labels"], batch.get("document_ids"))
     mask = batch.get("attention_mask")

@@ -4,10 +4,19 @@ A dataset's `path` is a shard pattern (paths, brace patterns, folders, `pipe:` c
 (`pairs`, `vqa`, `fewshot`): easy-VQA's training split converted once into cached shards (the demo's data).
 Options (`[datasets.NAME.options]`): `num_workers` (default 1), `shuffle_buffer` (1000), `shots` (easy-VQA
 few-shot documents, 4), `row_tokens` (pack samples into rows of this many tokens; unset: padded batches).
+With `[data] feature_cache = true` the frozen vision encoder's output for every image of the enabled datasets is
+computed once into cache_dir()/features/KEY.safetensors (KEY: the shards, their sizes and times, the encoder's
+fingerprint) and the batches carry it as `image_features` instead of `images`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ..backbones import cache_dir
@@ -55,8 +64,9 @@ def build_shard_loader(
     datasets: dict[str, DatasetConfig], data: DataConfig, model, rank: int, world_size: int, seed: int
 ) -> StepIterator:
     from ..data import DatasetConfig as ShardDataset
-    from ..data import FormatConfig, MixedLoader, PackingConfig
+    from ..data import FormatConfig, ImageLimits, MixedLoader, PackingConfig
 
+    limits = ImageLimits()  # the cache must decode as the loader does
     configs = {}
     for name, dataset in datasets.items():
         unknown = sorted(set(dataset.options) - set(OPTIONS))
@@ -75,10 +85,56 @@ def build_shard_loader(
                 prompt_format=model.config.prompt_format,
             ),
             packing=PackingConfig(row_tokens=row_tokens) if row_tokens else None,
+            images=limits,
             shuffle_buffer=options["shuffle_buffer"],
             seed=seed,
             num_workers=options["num_workers"],
             loss_weight=dataset.loss_weight,
         )
+    features = open_feature_cache(configs, model, rank, limits) if data.feature_cache else None
     preprocess = model.vision_encoder.preprocess_image
-    return StepIterator(MixedLoader(configs, model.tokenizer, preprocess, rank=rank, world_size=world_size))
+    mixed = MixedLoader(
+        configs, model.tokenizer, preprocess, rank=rank, world_size=world_size, features=features
+    )
+    return StepIterator(mixed)
+
+
+def open_feature_cache(configs: dict, model, rank: int, limits):
+    """The feature cache of all the datasets' shards for this model's vision encoder, built if missing: by local
+    rank 0 of each machine while the machine's other ranks wait for the file (no collective: a build can take
+    longer than a process group's timeout)."""
+    from ..data.features import FeatureCache, build_feature_cache, encoder_fingerprint
+    from ..data.shards import expand_shards
+
+    encoder = model.vision_encoder
+    if any(p.requires_grad for p in encoder.parameters()):
+        raise ValueError(
+            "data.feature_cache: the vision encoder is trained in this run, so its output changes and cannot be "
+            "cached; switch off model.train_vision_encoder or data.feature_cache"
+        )
+    if any(type(p).__name__ == "DTensor" for p in encoder.parameters()):
+        raise ValueError(
+            'data.feature_cache: the vision encoder is sharded (parallel.mode = "fsdp"); use "ddp" with the cache'
+        )
+    urls = sorted({url for config in configs.values() for url in expand_shards(config.shards)})
+    fingerprint = encoder_fingerprint(model)
+    files = [(url, *_size_and_mtime(url)) for url in urls]
+    key = hashlib.sha256(json.dumps([fingerprint, asdict(limits), files]).encode()).hexdigest()[:32]
+    path = cache_dir() / "features" / f"{key}.safetensors"
+    if not path.is_file():
+        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+            build_feature_cache(urls, model, path, progress=rank == 0, limits=limits)
+        while not path.is_file():  # the builder's failure ends the whole job (torchrun), not this loop
+            time.sleep(5)
+    cache = FeatureCache(path)
+    cache.check(model)
+    return cache
+
+
+def _size_and_mtime(url: str) -> tuple[int | None, int | None]:
+    from ..data.shards import PIPE_PREFIX
+
+    if url.startswith(PIPE_PREFIX):
+        return None, None  # a command's output: named by the command alone
+    stat = Path(url).stat()
+    return stat.st_size, stat.st_mtime_ns
