@@ -62,6 +62,7 @@ TASK_FILES = {
     "nlvr2": ["--annotations", F / "nlvr2/dev.json", "--train-annotations", F / "nlvr2/train.json",
               "--images", F / "nlvr2/images"],
     "easy_vqa": ["--num-samples", "6"],
+    "easy_vqa_binding": ["--num-samples", "4"],
 }  # fmt: skip
 # What `eval score` needs: the evaluated split's references only.
 SCORE_FILES = {t: [] for t in TASK_FILES}
@@ -304,6 +305,35 @@ def test_rank_classification_from_the_cached_prefix_equals_full_forward_passes(t
             logprobs = torch.log_softmax(logits[0, -len(tokens) - 1 : -1].float(), dim=-1)
             expected = logprobs.gather(-1, torch.tensor(tokens)[:, None]).sum()
             torch.testing.assert_close(fast[b, c], expected, atol=1e-5, rtol=1e-6)  # sums near -100 in fp32
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_ranking_each_prompts_own_choices_equals_full_forward_passes(tokenizer_dir, family):
+    from openflamingo.eval.inference import model_inputs, rank_choices, tokenize_class_names
+    from openflamingo.eval.prompts import Prompt
+
+    model = tiny_model(tokenizer_dir, family)
+    images = sorted((F / "coco/images/val2014").glob("*.jpg"))
+    prompts = [
+        Prompt("<image>This is a dax.<|endofchunk|><image>This is a", images[:2]),
+        Prompt("<image>This is a", images[2:3]),
+    ]
+    choices = [[" dax", " blicket"], [" pusab", " wug"]]
+    ids = [tokenize_class_names(model.tokenizer, c) for c in choices]
+    assert any(len(t) > 1 for c in ids for t in c) and len({len(t) for c in ids for t in c}) > 1
+    fast = rank_choices(model, prompts, ids, torch.device("cpu"), length_normalize=False)
+    assert fast.shape == (2, 2)
+    for b, prompt in enumerate(prompts):
+        inputs = model_inputs(model, [prompt], torch.device("cpu"))
+        for c, tokens in enumerate(ids[b]):
+            full = torch.cat([inputs["input_ids"], torch.tensor([tokens])], dim=1)
+            logits = model(input_ids=full, images=inputs["images"], num_images=inputs["num_images"]).logits
+            logprobs = torch.log_softmax(logits[0, -len(tokens) - 1 : -1].float(), dim=-1)
+            expected = logprobs.gather(-1, torch.tensor(tokens)[:, None]).sum()
+            torch.testing.assert_close(fast[b, c], expected, atol=1e-5, rtol=1e-6)
+    normalized = rank_choices(model, prompts, ids, torch.device("cpu"))
+    lengths = torch.tensor([[len(t) for t in c] for c in ids], dtype=torch.float32)
+    torch.testing.assert_close(normalized, fast / lengths)
 
 
 def test_rices_puts_the_most_similar_demonstration_last_and_caches_features(tokenizer_dir, tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from test_data_helpers import mixed_shards
 from test_train import config_of, records, tiny_run
@@ -31,7 +34,7 @@ def test_training_on_shards_resumes_with_exactly_the_same_batches(tokenizer_dir,
     assert {step: record["loss"] for step, record in records(split).items()} == losses
 
 
-def test_evaluation_after_training_compares_with_and_without_images(tokenizer_dir, tmp_path):
+def test_evaluation_after_training_compares_with_and_without_images(tokenizer_dir, tmp_path, capsys):
     model = build_flamingo(config_of(tiny_run(tokenizer_dir, tmp_path)).model, seed=0)
     gates = [block.attn_gate.clone() for block in model.cross_attn_blocks.values()]
     with cross_attention_off(model):
@@ -48,7 +51,34 @@ def test_evaluation_after_training_compares_with_and_without_images(tokenizer_di
         prompt="<image>Question: {question} Short answer: {answer}",
         separator="",
         batch_size=4,
+        extra_tasks={"easy_vqa_binding": [0, 2]},
     )
     summary = evaluate_after_training(model, config, tmp_path)
-    assert set(summary) == {"trained", "blind"} and set(summary["trained"]) == {"0-shot"}
-    assert (tmp_path / "eval" / "summary.json").is_file()
+    assert set(summary) == {"trained", "blind"}
+    for variant in summary.values():
+        assert set(variant) == {"easy_vqa", "easy_vqa_binding"}
+        scores = variant["easy_vqa"]["0-shot"]  # overall, then per answer type
+        assert (
+            "accuracy" in scores
+            and set(scores) - {"accuracy"}
+            and set(scores) <= {"accuracy", "yes/no", "shape", "color"}
+        )
+        assert set(variant["easy_vqa_binding"]) == {"0-shot", "2-shot"}
+        assert set(variant["easy_vqa_binding"]["2-shot"]) == {"accuracy"}
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == summary
+    table = capsys.readouterr().out
+    assert "| task | shots | answers | trained | blind |" in table
+    assert "| easy_vqa_binding | 2 | all |" in table
+    # the binding prompts put the demonstrations' images in front of the query (2 shots: 3 images)
+    record = json.loads(
+        (tmp_path / "eval" / "trained" / "samples_easy_vqa_binding_2shot_trial0.jsonl").open().readline()
+    )
+    assert record["prompt"].count("<image>") == 3 == len(record["images"])
+    assert record["prompt"].endswith("<image>This is a") and record["prediction"] in record["scores"]
+
+
+def test_evaluation_tasks_are_checked_when_the_recipe_is_read():
+    with pytest.raises(ValueError, match="evaluate.extra_tasks.easy_vqa_bind: unknown task"):
+        EvaluateConfig(task="easy_vqa", extra_tasks={"easy_vqa_bind": [0]})
+    with pytest.raises(ValueError, match="evaluate.task: unknown task 'nope'"):
+        EvaluateConfig(task="nope")

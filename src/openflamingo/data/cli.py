@@ -93,7 +93,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="mmc4: minimum image-sentence CLIP cosine similarity",
     )
     convert.add_argument(
-        "--layout", choices=("pairs", "vqa", "fewshot", "chat"), default="vqa", help="easy-vqa"
+        "--layout", choices=("pairs", "vqa", "fewshot", "chat", "binding"), default="vqa", help="easy-vqa"
     )
     convert.add_argument("--split", choices=("train", "test"), default="train", help="easy-vqa")
     convert.add_argument(

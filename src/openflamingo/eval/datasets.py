@@ -261,3 +261,35 @@ def read_easy_vqa(split: str) -> tuple[list[Example], list[str]]:
             Example(n, [(Path(paths[image_id]),)], {"question": text}, answer, answer, {"answer_type": kind})
         )
     return examples, list(easy_vqa.get_answers())
+
+
+def read_easy_vqa_binding(split: str) -> list[Example]:
+    """easy_vqa_binding: one example per image of the split, each with its own prompt: two held-out nonsense names
+    bound to two shapes by four demonstrations (one image of each shape, then another of each, in random order),
+    a query image of one of the two shapes, and the two names as its choices. The same on every run."""
+    import random
+
+    from ..data.convert.easy_vqa import binding_episode, images_by_shape, nonsense_names
+
+    by_shape, paths = images_by_shape(split)
+    names = nonsense_names("test")  # never seen in training, whatever the evaluated split
+    rng = random.Random(f"binding eval/{split}")
+    examples = []
+    for n in range(len(paths)):
+        *demos, (image_id, name) = binding_episode(rng, by_shape, names, pairs=2, queries=1)
+        examples.append(
+            Example(
+                n,
+                [(Path(paths[image_id]),)],
+                {},
+                name,
+                name,
+                {
+                    "demos": [
+                        Example(f"{n}/{k}", [(Path(paths[i]),)], {}, d) for k, (i, d) in enumerate(demos)
+                    ],
+                    "choices": sorted({d for _, d in demos}),
+                },
+            )
+        )
+    return examples

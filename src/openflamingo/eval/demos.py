@@ -43,6 +43,21 @@ class RandomDemos:
         return rng.sample(self.query_set, count)
 
 
+class AttachedDemos:
+    """Tasks whose examples bring their own demonstrations (`info["demos"]`, e.g. binding prompts): the first
+    `count` of them, in their order."""
+
+    def __init__(self, examples: list[Example]):
+        self.fewest = min(len(e.info["demos"]) for e in examples)
+
+    def check(self, needed: int) -> None:
+        if needed > self.fewest:
+            raise demo_pool_error(needed, self.fewest, "each example's own demonstration list")
+
+    def select(self, query: Example, count: int) -> list[Example]:
+        return query.info["demos"][:count]
+
+
 def image_features(
     model, examples: list[Example], batch_size: int, device: torch.device, progress=None
 ) -> torch.Tensor:

@@ -131,15 +131,63 @@ def rank_classes_from_tensors(
 ) -> torch.Tensor:
     """`rank_classes` for left-padded token ids and images (B, T_img, F, C, H, W) that are already tensors;
     `num_images` (real images per prompt) skips encoding the padding slots."""
+    batch = input_ids.shape[0]
+    # Longer class names continue from the cached prefix, similar lengths together to limit padding.
+    longer = sorted(
+        (c for c, t in enumerate(class_token_ids) if len(t) > 1), key=lambda c: len(class_token_ids[c])
+    )
+    per_call = max(1, min(len(longer), rows_per_call // batch))
+    # Every call has the same K rows per prompt (the last chunk repeats its last class), so the media context
+    # expands the visual tokens once and reuses their keys/values for all calls.
+    chunks = [longer[start : start + per_call] for start in range(0, len(longer), per_call)]
+    padded = [chunk + [chunk[-1]] * (per_call - len(chunk)) for chunk in chunks]
+    first_tokens = torch.tensor([[t[0] for t in class_token_ids]] * batch)
+    calls = [[class_token_ids[c] for _ in range(batch) for c in chunk] for chunk in padded]
+    first, continued = _score_continuations(model, input_ids, mask, images, num_images, first_tokens, calls)
+    scores = first
+    for chunk, sums in zip(chunks, continued, strict=True):
+        scores[:, chunk] += sums[:, : len(chunk)]
+    if length_normalize:
+        scores = scores / torch.tensor([len(t) for t in class_token_ids], dtype=torch.float32)
+    return scores
+
+
+@torch.no_grad()
+def rank_choices(
+    model,
+    prompts: Sequence[Prompt],
+    choice_token_ids: Sequence[Sequence[Sequence[int]]],
+    device: torch.device,
+    length_normalize: bool = True,
+) -> torch.Tensor:
+    """Log-likelihood of each prompt's own K answer choices (B, K), e.g. the two names of a binding prompt; the
+    prompt is encoded once and every choice continues from its cached keys/values."""
+    counts = {len(choices) for choices in choice_token_ids}
+    if len(counts) != 1:
+        raise ValueError(f"every prompt needs the same number of choices, got {sorted(counts)}")
+    inputs = model_inputs(model, prompts, device)
+    first_tokens = torch.tensor([[t[0] for t in choices] for choices in choice_token_ids])
+    rows = [tokens for choices in choice_token_ids for tokens in choices]
+    calls = [rows] if any(len(t) > 1 for t in rows) else []
+    first, continued = _score_continuations(
+        model, inputs["input_ids"], inputs["attention_mask"], inputs["images"], inputs["num_images"],
+        first_tokens, calls,
+    )  # fmt: skip
+    scores = first + continued[0] if calls else first
+    if length_normalize:
+        scores = scores / torch.tensor([[len(t) for t in choices] for choices in choice_token_ids]).float()
+    return scores
+
+
+def _score_continuations(model, input_ids, mask, images, num_images, first_tokens, calls):
+    """Log p(first answer token | prompt) for `first_tokens` (B, K), and for each call (B * K' token lists, prompt-
+    major) the summed log-probs of the tokens after the first, continuing from the prompts' cache: (B, K') each."""
     device = input_ids.device
     batch, prefix_length = input_ids.shape
     lm = model.language_model
     extra = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     takes_positions = forward_accepts(lm, "position_ids")
-    lengths = torch.tensor([len(t) for t in class_token_ids], dtype=torch.float32)
-    first_tokens = torch.tensor([t[0] for t in class_token_ids], device=device)
-
     # Text-only prompts (images None) run the plain LM, as Flamingo.forward does without images.
     media = nullcontext() if images is None else model.media(model.encode_images(images, num_images))
     with media:
@@ -150,48 +198,35 @@ def rank_classes_from_tensors(
             **({"position_ids": positions} if takes_positions else {}),
             **extra,
         )
-        scores = F.log_softmax(out.logits[:, -1].float(), dim=-1)[:, first_tokens]  # (B, C)
-        # Longer class names continue from the cached prefix, similar lengths together to limit padding.
-        longer = sorted(
-            (c for c, t in enumerate(class_token_ids) if len(t) > 1), key=lambda c: len(class_token_ids[c])
-        )
-        if longer:
-            per_call = max(1, min(len(longer), rows_per_call // batch))
+        logprobs = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+        first = logprobs.gather(1, first_tokens.to(device)).cpu()
+        continued = []
+        if calls:
+            per_prompt = len(calls[0]) // batch
             cache = PrefixCache(lm, out, prefix_length)
-            cache.expand(per_call)
-            prefix_mask = mask.repeat_interleave(per_call, dim=0)
-            last_position = positions[:, -1].repeat_interleave(per_call, dim=0)
-            for start in range(0, len(longer), per_call):
-                chunk = longer[start : start + per_call]
-                # Every call has the same K rows per prompt (the last chunk repeats its last class), so the media
-                # context expands the visual tokens once and reuses their keys/values for all calls.
-                padded = chunk + [chunk[-1]] * (per_call - len(chunk))
-                scores[:, chunk] += continuation_logprobs(
-                    model, cache, padded, class_token_ids, prefix_mask, last_position, batch, takes_positions
-                )[:, : len(chunk)]
+            cache.expand(per_prompt)
+            prefix_mask = mask.repeat_interleave(per_prompt, dim=0)
+            last_position = positions[:, -1].repeat_interleave(per_prompt, dim=0)
+            for rows in calls:
+                sums = continuation_logprobs(model, cache, rows, prefix_mask, last_position, takes_positions)
+                continued.append(sums.view(batch, per_prompt).cpu())
                 cache.reset()
-    if length_normalize:
-        scores = scores / lengths.to(scores.device)
-    return scores.cpu()
+    return first, continued
 
 
-def continuation_logprobs(
-    model, cache, classes, class_token_ids, prefix_mask, last_position, batch, takes_positions
-):
-    """Sum of log p(token j+1 | prefix, tokens <= j) over the class names' tokens after the first: (B, K)."""
+def continuation_logprobs(model, cache, rows, prefix_mask, last_position, takes_positions) -> torch.Tensor:
+    """Sum of log p(token j+1 | prefix, tokens <= j) over each row's tokens after the first: (len(rows),), one row
+    per cached prefix row."""
     device = prefix_mask.device
-    per_call = len(classes)
-    width = max(len(class_token_ids[c]) - 1 for c in classes)
-    inputs = torch.full((per_call, width), model.special_ids.pad, dtype=torch.long)
-    targets = torch.zeros((per_call, width), dtype=torch.long)
-    real = torch.zeros((per_call, width), dtype=torch.bool)
-    for row, c in enumerate(classes):
-        tokens = class_token_ids[c]
-        inputs[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-        targets[row, : len(tokens) - 1] = torch.tensor(tokens[1:])
+    width = max(max(len(tokens) - 1 for tokens in rows), 1)
+    inputs = torch.full((len(rows), width), model.special_ids.pad, dtype=torch.long)
+    targets = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.bool)
+    for row, tokens in enumerate(rows):
+        inputs[row, : len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
+        targets[row, : len(tokens) - 1] = torch.tensor(tokens[1:], dtype=torch.long)
         real[row, : len(tokens) - 1] = True
-    # Rows are prompt-major (row = b * K + k), matching repeat_interleave of the prefix.
-    inputs, targets, real = (t.to(device).repeat(batch, 1) for t in (inputs, targets, real))
+    inputs, targets, real = inputs.to(device), targets.to(device), real.to(device)
     attention = torch.cat([prefix_mask, real.to(prefix_mask.dtype)], dim=1)
     kwargs = (
         {"position_ids": last_position[:, None] + torch.arange(1, width + 1, device=device)}
@@ -204,4 +239,4 @@ def continuation_logprobs(
     logprobs = logits.float().gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(
         logits.float(), dim=-1
     )
-    return (logprobs * real).sum(-1).view(batch, per_call)
+    return (logprobs * real).sum(-1)

@@ -94,7 +94,7 @@ def build_prompt(
         else:
             images += [candidates[0] for candidates in demo.images]
         parts.append(text)
-    query_text = fill(fmt.template, query, "")
+    query_text = fill(fmt.template.split("{answer}", 1)[0], query, "")  # the query ends where its answer goes
     if answer_follows_space(fmt.template):
         query_text = query_text[
             :-1

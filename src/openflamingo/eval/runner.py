@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import inference, outputs
 from .datasets import Example, resolve_images
-from .demos import RandomDemos, RicesDemos, demo_pool_error
+from .demos import AttachedDemos, RandomDemos, RicesDemos, demo_pool_error
 from .distributed import Ranks, gather, init_ranks, shard
 from .metrics import check_cider_available, score_task
 from .prompts import answer_follows_space, build_prompt, chat_format, num_demos, postprocessor
@@ -122,8 +122,17 @@ def prepare(config: EvalConfig) -> PreparedRun:
     if spec.metric == "cider":
         check_cider_available()
     postprocess = postprocessor(spec.postprocess) if spec.kind == "generate" else None
-    query_sets: dict[int, RandomDemos] = {}
-    if needed > 0 and config.demos == "random":
+    query_sets: dict[int, RandomDemos | AttachedDemos] = {}
+    if needed > 0 and spec.attached_demos:
+        if config.demos != "random":
+            raise ValueError(
+                f"task {spec.name} brings its own demonstrations; --demos {config.demos} does not apply"
+            )
+        attached = AttachedDemos(evaluated)
+        attached.check(needed)
+        resolve_images([demo for example in evaluated for demo in example.info["demos"]])
+        query_sets = {seed: attached for seed in config.seeds()}
+    elif needed > 0 and config.demos == "random":
         for seed in config.seeds():
             query_sets[seed] = RandomDemos(data.demo_pool, config.query_set_size, seed)
             query_sets[seed].check(needed)
@@ -147,12 +156,8 @@ def run(model, prepared: PreparedRun) -> dict | None:
     model = model.to(device).eval()
     indexed = shard(list(enumerate(prepared.evaluated)), ranks)
     class_ids = None
-    if spec.kind == "rank":
-        follows_space = answer_follows_space(spec.prompt.template) and chat_format(model) is None
-        space = " " if follows_space else ""
-        class_ids = inference.tokenize_class_names(
-            model.tokenizer, [space + n for n in prepared.data.class_names]
-        )
+    if spec.kind == "rank" and prepared.data.class_names is not None:
+        class_ids = tokenize_answers(model, spec, prepared.data.class_names)
     rices = None
     if config.demos == "rices" and any(num_demos(s, config.zero_shot) > 0 for s in config.shots):
         progress = tqdm(
@@ -170,7 +175,8 @@ def run(model, prepared: PreparedRun) -> dict | None:
     per_shots = []
     for shots in config.shots:
         count = num_demos(shots, config.zero_shot)
-        seeds = config.seeds() if count > 0 and rices is None else config.seeds()[:1]
+        random_demos = count > 0 and rices is None and not spec.attached_demos
+        seeds = config.seeds() if random_demos else config.seeds()[:1]
         values, per_trial = [], []
         for trial, seed in enumerate(seeds):
             selector = rices if rices is not None else prepared.query_sets.get(seed)
@@ -217,10 +223,10 @@ def run_trial(
             answers = [prepared.postprocess(text) for text in raw]
             predictions = [{"resps": [r], "prediction": a} for r, a in zip(raw, answers, strict=True)]
         else:
-            scores = rank_with_ensembles(
-                model, prepared, demos, [e for _, e in batch], shots, seed, class_ids, device
-            )
-            predictions = [class_prediction(prepared.data.class_names, row) for row in scores]
+            examples = [e for _, e in batch]
+            scores = rank_with_ensembles(model, prepared, demos, examples, shots, seed, class_ids, device)
+            names = [prepared.data.class_names or e.info["choices"] for e in examples]
+            predictions = [class_prediction(n, row) for n, row in zip(names, scores, strict=True)]
         for (index, example), ds, prompt, prediction in zip(batch, demos, prompts, predictions, strict=True):
             records.append(sample_record(spec, index, example, ds, prompt, prediction, shots, trial, seed))
     return records
@@ -239,9 +245,13 @@ def rank_with_ensembles(model, prepared, demos, examples, shots, seed, class_ids
             build_prompt(spec.prompt, orders[k], e, shots, chat_format(model))
             for orders, e in zip(orders_per_example, examples, strict=True)
         ]
-        scores = inference.rank_classes(
-            model, prompts, class_ids, device, config.rank_rows, config.length_normalize
-        )
+        if class_ids is None:  # each example ranks its own choices (info["choices"])
+            choices = [tokenize_answers(model, spec, e.info["choices"]) for e in examples]
+            scores = inference.rank_choices(model, prompts, choices, device, config.length_normalize)
+        else:
+            scores = inference.rank_classes(
+                model, prompts, class_ids, device, config.rank_rows, config.length_normalize
+            )
         total = scores if total is None else total + scores
     return total / len(orders_per_example[0])
 
@@ -259,6 +269,12 @@ def demo_orders(demos: list[Example], wanted: int, seed: str) -> list[list[Examp
             if order != tuple(range(len(demos))) and order not in chosen:
                 chosen.append(order)
     return [list(demos)] + [[demos[i] for i in order] for order in chosen]
+
+
+def tokenize_answers(model, spec: TaskSpec, names: list[str]) -> list[list[int]]:
+    follows_space = answer_follows_space(spec.prompt.template) and chat_format(model) is None
+    space = " " if follows_space else ""
+    return inference.tokenize_class_names(model.tokenizer, [space + n for n in names])
 
 
 def class_prediction(class_names: list[str], scores: torch.Tensor) -> dict:

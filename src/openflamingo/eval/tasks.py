@@ -42,7 +42,9 @@ class TaskSpec:
     prompt: TaskPrompt
     decoding: Decoding = field(default_factory=Decoding)
     postprocess: str = "none"  # caption | vqa | okvqa | none
-    class_names: tuple[str, ...] | None = None  # fixed label set of rank tasks (None: read from the data)
+    # fixed label set of rank tasks (None: read from the data, or per example from its info["choices"])
+    class_names: tuple[str, ...] | None = None
+    attached_demos: bool = False  # each example brings its own demonstrations (info["demos"]), in order
     default_split: str = "test"
     description: str = ""
 
@@ -76,6 +78,10 @@ TASKS: dict[str, TaskSpec] = {
                  class_names=("true", "false"), default_split="dev", description="NLVR2, two images, accuracy"),
         TaskSpec("easy_vqa", "rank", "accuracy", "easy_vqa", VQA, default_split="test",
                  description="easy-VQA (built in), accuracy over its 13 answers"),
+        TaskSpec("easy_vqa_binding", "rank", "accuracy", "easy_vqa_binding",
+                 TaskPrompt("<image>This is a {answer}."), default_split="test", attached_demos=True,
+                 description="easy-VQA fast binding (built in): which of two held-out nonsense names, bound to "
+                             "shapes by the prompt's demonstrations, names the query image; chance is 50%"),
     )
 }  # fmt: skip
 
@@ -112,6 +118,7 @@ REQUIRED = {
     "hateful_memes": (("annotations",), ("images", "train_annotations")),
     "nlvr2": (("annotations",), ("images", "train_annotations")),
     "easy_vqa": ((), ()),
+    "easy_vqa_binding": ((), ()),
 }
 FLAGS = {name: "--" + name.replace("_", "-") for name in (f.name for f in dataclasses.fields(DataPaths))}
 
@@ -177,6 +184,8 @@ def load_task_data(spec: TaskSpec, paths: DataPaths, run: bool = True, demos: bo
         evaluated, classes = datasets.read_easy_vqa(split)
         if run and demos:
             pool, _ = datasets.read_easy_vqa("train")
+    elif spec.data == "easy_vqa_binding":
+        evaluated = datasets.read_easy_vqa_binding(split)
     else:
         raise ValueError(f"task {spec.name}: unknown data kind {spec.data!r}")
     return TaskData(evaluated, pool, classes)

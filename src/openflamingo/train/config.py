@@ -134,7 +134,23 @@ class EvaluateConfig:
     prompt: str | None = None  # the task's prompt template; match the training text format
     separator: str | None = None
     batch_size: int = 16
+    # More tasks after `task`, each with its shot counts and its own default prompt, e.g. the demo's
+    # {easy_vqa_binding = [0, 1, 2, 4]}; they are evaluated blind too when `blind` is set.
+    extra_tasks: dict[str, list[int]] = field(default_factory=dict)
     before: bool = False  # also score the starting weights (fine-tuning from model.init_from) before training
+
+    def __post_init__(self) -> None:
+        # Checked when the recipe is read, not after the training it follows.
+        from ..eval.tasks import TASKS
+        from .evaluate import CHAT_TASK
+
+        known = [*TASKS, CHAT_TASK]
+        named = {"evaluate.task": self.task, **{f"evaluate.extra_tasks.{t}": t for t in self.extra_tasks}}
+        for key, task in named.items():
+            if task is not None and task not in known:
+                raise ValueError(f"{key}: unknown task {task!r}; known: {', '.join(known)}")
+        if self.extra_tasks and self.task is None:
+            raise ValueError("evaluate.extra_tasks: needs evaluate.task (the first task evaluated)")
 
 
 @dataclass

@@ -65,38 +65,73 @@ def evaluate_before_training(model_config, config: EvaluateConfig, output_dir: P
     return scores
 
 
-def evaluate_after_training(model, config: EvaluateConfig, output_dir: Path) -> dict[str, dict[str, float]]:
-    """{"trained": {"0-shot": acc, ...}, "blind": {...}}; writes output_dir/eval/summary.json and prints it."""
+def evaluate_after_training(model, config: EvaluateConfig, output_dir: Path) -> dict:
+    """Scores of `config.task` and `config.extra_tasks`, with the images ("trained") and without ("blind"):
+    {variant: {task: {"N-shot": {"accuracy": .., per answer type: ..}}}}; writes output_dir/eval/summary.json and
+    prints it as one table."""
     from ..eval import DataPaths, EvalConfig, prepare, run
 
-    summary: dict[str, dict[str, float]] = {}
+    summary: dict = {}
     if config.task == CHAT_TASK:
         before = output_dir / "eval" / "before.json"
         if before.is_file():
             summary["before"] = json.loads(before.read_text())
         summary["trained"] = chat_scores(model, config)
         return _write_summary(summary, config, output_dir)
+    tasks = {config.task: list(config.shots), **config.extra_tasks}
     for variant in ("trained", "blind") if config.blind else ("trained",):
-        eval_config = EvalConfig(
-            config.task,
-            DataPaths(),
-            shots=list(config.shots),
-            trials=1,
-            num_samples=config.num_samples,
-            batch_size=config.batch_size,
-            zero_shot=config.zero_shot,
-            prompt=config.prompt,
-            separator=config.separator,
-            output_dir=output_dir / "eval" / variant,
-        )
-        with cross_attention_off(model) if variant == "blind" else nullcontext():
-            document = run(model, prepare(eval_config))
-        summary[variant] = {f"{entry['shots']}-shot": entry["mean"] for entry in document["results"].values()}
+        summary[variant] = {}
+        for task, shots in tasks.items():
+            main = task == config.task  # the recipe's prompt is for its main task; the others keep theirs
+            eval_config = EvalConfig(
+                task,
+                DataPaths(),
+                shots=shots,
+                trials=1,
+                num_samples=config.num_samples,
+                batch_size=config.batch_size,
+                zero_shot=config.zero_shot,
+                prompt=config.prompt if main else None,
+                separator=config.separator if main else None,
+                output_dir=output_dir / "eval" / variant,
+            )
+            with cross_attention_off(model) if variant == "blind" else nullcontext():
+                document = run(model, prepare(eval_config))
+            summary[variant][task] = {
+                f"{entry['shots']}-shot": _scores(entry) for entry in document["results"].values()
+            }
     return _write_summary(summary, config, output_dir)
+
+
+def _scores(entry: dict) -> dict[str, float]:
+    """The headline metric, then the breakdown (easy-VQA's answer types), of one shot count's single trial."""
+    metrics = entry["metrics_per_trial"][0]
+    breakdown = {k.split("_", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{entry['metric']}_")}
+    return {entry["metric"]: entry["mean"], **breakdown}
+
+
+def summary_table(summary: dict) -> str:
+    """The scores as one Markdown table: a row per task, shot count and answer type; a column per variant."""
+    variants = [v for v in ("trained", "blind") if v in summary]
+    header = ["task", "shots", "answers", *variants]
+    rows = []
+    for task, per_shots in summary[variants[0]].items():
+        for shots, scores in per_shots.items():
+            for name in scores:
+                values = [summary[v].get(task, {}).get(shots, {}).get(name) for v in variants]
+                cells = ["-" if value is None else f"{value:.1f}" for value in values]
+                rows.append(
+                    [task, shots.removesuffix("-shot"), "all" if name == "accuracy" else name, *cells]
+                )
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def _write_summary(summary: dict, config: EvaluateConfig, output_dir: Path) -> dict:
     (output_dir / "eval").mkdir(parents=True, exist_ok=True)
     (output_dir / "eval" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{config.task} after training: " + json.dumps(summary))
+    if config.task == CHAT_TASK:
+        print(f"{config.task} after training: " + json.dumps(summary))
+    else:
+        print(f"after training ({output_dir / 'eval' / 'summary.json'}):\n{summary_table(summary)}")
     return summary

@@ -1,18 +1,22 @@
 """easy-VQA (PyPI `easy-vqa==1.0`, MIT: 64x64 images of one coloured shape, yes/no, shape and colour questions).
 
-Four layouts:
+Five layouts:
 - `pairs`: one caption per image ("a blue rectangle"), read off that image's question-answer pairs;
 - `vqa`: one document per question, `<image>Question: q Short answer: a`, only the answer trained;
 - `fewshot`: documents of `shots` image/question/answer triples on different images, so in-context use is trained
   (a model trained on single questions does worse with demonstrations than without);
 - `chat`: conversations of `shots` turns about one image, answered in sentences ("What color is the shape?" ->
-  "It is brown."), the fine-tuning demo's data.
+  "It is brown."), the fine-tuning demo's data;
+- `binding`: fast concept binding (Tsimpoukelli et al. 2021): documents "<image>This is a dax.<|endofchunk|>..." whose
+  two nonsense names are drawn anew for each document and bound to two shapes by the document alone, so only a
+  model that matches the images in its prompt can predict the later names (only those are trained).
 `easy_vqa_shards()` builds cached shards once, for the trainer's first run.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..samples import Conversation, ImageItem, ImageTextPair, InterleavedDocument, Turn
+from ..samples import Conversation, ImageItem, ImageTextPair, InterleavedDocument, TextItem, Turn
 from .annotations import VQA_PROMPT, vqa_items
 from .common import ConversionReport, image_file, write_samples
 
-LAYOUTS = ("pairs", "vqa", "fewshot", "chat")
+LAYOUTS = ("pairs", "vqa", "fewshot", "chat", "binding")
 SHAPES = ("circle", "rectangle", "triangle")
 NEGATIONS = ("not", "no")
 
@@ -60,6 +64,74 @@ def caption_from_questions(qas: list[tuple[str, str]], colours: list[str]) -> st
             elif word in colours:
                 found["colour"] = word
     return " ".join(["a", found.get("colour", ""), found.get("shape", "shape")]).replace("  ", " ")
+
+
+def nonsense_names(split: str) -> list[str]:
+    """Pronounceable non-words (consonant-vowel-consonant-vowel-consonant, "pusab", "narol") for the binding task:
+    400 for training documents, 100 held out for evaluation; disjoint and the same on every machine."""
+    rng = random.Random("easy-vqa binding names")
+    names: dict[str, None] = {}
+    while len(names) < 500:
+        names["".join(rng.choice("bdfgklmnprstvz" if i % 2 == 0 else "aeiou") for i in range(5))] = None
+    ordered = list(names)
+    if split == "train":
+        return ordered[:400]
+    if split == "test":
+        return ordered[400:]
+    raise ValueError(f"binding names: split must be 'train' or 'test', got {split!r}")
+
+
+BINDING_TEXT = "This is a"
+
+
+def images_by_shape(split: str) -> tuple[dict[str, list[int]], list[str]]:
+    """{shape: image ids whose questions reveal that shape}, and the image paths."""
+    records, paths, colours = _load(split)
+    per_image: dict[int, list[tuple[str, str]]] = {}
+    for question, answer, image_id in records:
+        per_image.setdefault(image_id, []).append((question, answer))
+    by_shape: dict[str, list[int]] = {shape: [] for shape in SHAPES}
+    for image_id in sorted(per_image):
+        shape = caption_from_questions(per_image[image_id], colours).split()[-1]
+        if shape in by_shape:
+            by_shape[shape].append(image_id)
+    return by_shape, paths
+
+
+def binding_episode(
+    rng: random.Random, by_shape: dict[str, list[int]], names: list[str], pairs: int, queries: int
+) -> list[tuple[int, str]]:
+    """(image id, name) per image: two names bound to two random shapes, shown as `pairs` pairs (one image of each
+    shape, in random order), then `queries` images of either shape. Colours are random, so only shape binds."""
+    shapes = rng.sample(SHAPES, 2)
+    bound = dict(zip(shapes, rng.sample(names, 2), strict=True))
+    order = [shape for _ in range(pairs) for shape in rng.sample(shapes, 2)]
+    order += [rng.choice(shapes) for _ in range(queries)]
+    images: list[int] = []
+    for shape in order:
+        image_id = rng.choice(by_shape[shape])
+        while image_id in images:  # every image of an episode is a different picture
+            image_id = rng.choice(by_shape[shape])
+        images.append(image_id)
+    return [(image_id, bound[shape]) for image_id, shape in zip(images, order, strict=True)]
+
+
+def _binding_documents(image, split: str, seed: int, pairs: int = 2, queries: int = 2):
+    """One document per image of the split; names are trained only once the document has bound both."""
+    by_shape, paths = images_by_shape(split)
+    names = nonsense_names(split)
+    rng = random.Random(f"binding/{split}/{seed}")
+    for index in range(len(paths)):
+        episode = binding_episode(rng, by_shape, names, pairs, queries)
+        items = []
+        for position, (image_id, name) in enumerate(episode):
+            items += [
+                image(image_id),
+                TextItem(BINDING_TEXT, loss=False),
+                TextItem(f"{name}.", loss=position >= 2),
+            ]
+        metadata = {"images": [i for i, _ in episode], "names": [n for _, n in episode]}
+        yield InterleavedDocument(f"{index:07d}", items, metadata)
 
 
 def sentence_answer(answer: str) -> str:
@@ -101,6 +173,9 @@ def easy_vqa_samples(
             yield InterleavedDocument(
                 f"{index:07d}", vqa_items(image(image_id), question, answer, prompt), metadata
             )
+        return
+    if layout == "binding":
+        yield from _binding_documents(image, split, seed)
         return
     if shots < 1:
         raise ValueError(f"{layout} samples need shots >= 1, got {shots}")
