@@ -36,6 +36,8 @@ def short_demo(output_dir: Path) -> RunConfig:
         "datasets.vqa.batch_size": 2,
         "datasets.vqa_fewshot.batch_size": 1,
         "datasets.vqa_fewshot.seq_len": 48,
+        "datasets.binding.batch_size": 1,
+        "data.feature_cache": "false",
         "train.steps": STEPS,
         "train.warmup_steps": 2,
         "train.output_dir": str(output_dir),

@@ -36,13 +36,14 @@ def test_demo_recipe_loads_with_its_model_init_options():
     assert config.model.cross_attention.gate_init == 1.0 and config.model.cross_attention.zero_init_output
     assert config.model.vision.feature_stages == (1, 2) and config.model.vision.image_size == 96
     assert config.model.vision.crop_padding == 0 and config.model.perceiver.latent_init_std == 0.02
-    assert config.train.lr_scale == {"added_tokens": 10.0}
+    assert config.train.lr_scale == {"added_tokens": 1.5, "perceiver": 0.0}
     assert config.data.loader == "shards" and config.evaluate.task == "easy_vqa"
     assert {d.path for d in config.enabled_datasets().values()} == {
         "easy-vqa:pairs",
         "easy-vqa:vqa",
-        "easy-vqa:fewshot",
+        "easy-vqa:binding",
     }
+    assert config.data.feature_cache and set(config.evaluate.extra_tasks) == {"easy_vqa_binding"}
 
 
 def test_command_line_overrides_are_typed_and_nested(tmp_path):
@@ -58,6 +59,7 @@ def test_command_line_overrides_are_typed_and_nested(tmp_path):
             "false",
             "--datasets.captions.enabled",
             "false",
+            "--datasets.binding.enabled=false",
             "--model.cross_attention.gate_init",
             "0",
             "--parallel.activation_checkpointing",
@@ -71,7 +73,7 @@ def test_command_line_overrides_are_typed_and_nested(tmp_path):
         ],
     )
     assert config.train.lr == 2e-4 and isinstance(config.model.cross_attention.gate_init, float)
-    assert config.train.lr_scale == {"added_tokens": 5.0}
+    assert config.train.lr_scale == {"added_tokens": 5.0, "perceiver": 0.0}
     assert config.datasets["vqa"].batch_size == 8 and list(config.enabled_datasets()) == ["vqa"]
     assert config.parallel.activation_checkpointing is True
     assert config.train.betas == (0.9, 0.95) and config.train.output_dir == "123"

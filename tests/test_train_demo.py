@@ -11,7 +11,7 @@ from test_train import config_of, records, tiny_run
 
 from openflamingo import build_flamingo
 from openflamingo.train import train
-from openflamingo.train.config import EvaluateConfig
+from openflamingo.train.config import EvaluateConfig, ExtraEvaluation
 from openflamingo.train.evaluate import cross_attention_off, evaluate_after_training
 
 
@@ -51,7 +51,8 @@ def test_evaluation_after_training_compares_with_and_without_images(tokenizer_di
         prompt="<image>Question: {question} Short answer: {answer}",
         separator="",
         batch_size=4,
-        extra_tasks={"easy_vqa_binding": [0, 2]},
+        extra_tasks={"easy_vqa_binding": ExtraEvaluation(shots=[0, 2], num_samples=3)},
+        blind_shots=[0],
     )
     summary = evaluate_after_training(model, config, tmp_path)
     assert set(summary) == {"trained", "blind"}
@@ -63,12 +64,14 @@ def test_evaluation_after_training_compares_with_and_without_images(tokenizer_di
             and set(scores) - {"accuracy"}
             and set(scores) <= {"accuracy", "yes/no", "shape", "color"}
         )
-        assert set(variant["easy_vqa_binding"]) == {"0-shot", "2-shot"}
-        assert set(variant["easy_vqa_binding"]["2-shot"]) == {"accuracy"}
+        assert set(variant["easy_vqa_binding"]["0-shot"]) == {"accuracy"}
+    assert set(summary["trained"]["easy_vqa_binding"]) == {"0-shot", "2-shot"}
+    assert set(summary["blind"]["easy_vqa_binding"]) == {"0-shot"}  # blind_shots
     assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == summary
     table = capsys.readouterr().out
     assert "| task | shots | answers | trained | blind |" in table
-    assert "| easy_vqa_binding | 2 | all |" in table
+    assert "| easy_vqa_binding | 2 | all |" in table and table.count("| easy_vqa_binding | 2 | all |") == 1
+    assert (tmp_path / "eval" / "trained" / "samples_easy_vqa_binding_2shot_trial0.jsonl").read_text().count("\n") == 3
     # the binding prompts put the demonstrations' images in front of the query (2 shots: 3 images)
     record = json.loads(
         (tmp_path / "eval" / "trained" / "samples_easy_vqa_binding_2shot_trial0.jsonl").open().readline()
@@ -79,6 +82,6 @@ def test_evaluation_after_training_compares_with_and_without_images(tokenizer_di
 
 def test_evaluation_tasks_are_checked_when_the_recipe_is_read():
     with pytest.raises(ValueError, match="evaluate.extra_tasks.easy_vqa_bind: unknown task"):
-        EvaluateConfig(task="easy_vqa", extra_tasks={"easy_vqa_bind": [0]})
+        EvaluateConfig(task="easy_vqa", extra_tasks={"easy_vqa_bind": ExtraEvaluation()})
     with pytest.raises(ValueError, match="evaluate.task: unknown task 'nope'"):
         EvaluateConfig(task="nope")

@@ -121,6 +121,14 @@ class LogConfig:
 
 
 @dataclass
+class ExtraEvaluation:
+    """Another task evaluated after `evaluate.task`, with its own default prompt."""
+
+    shots: list[int] = field(default_factory=lambda: [0])
+    num_samples: int | None = None  # None: evaluate.num_samples
+
+
+@dataclass
 class EvaluateConfig:
     """A few-shot evaluation of the exported model after training (rank 0), e.g. the demo's easy-VQA check."""
 
@@ -128,15 +136,15 @@ class EvaluateConfig:
     shots: list[int] = field(default_factory=lambda: [0, 4])
     num_samples: int | None = 500  # held-out examples
     blind: bool = True  # also evaluate with cross-attention switched off (is the model using the images?)
+    blind_shots: list[int] | None = None  # the shot counts evaluated blind (None: every task's all)
     zero_shot: str = (
         "none"  # "none": 0-shot is the bare question | "text-demos": Flamingo's two text-only demos
     )
     prompt: str | None = None  # the task's prompt template; match the training text format
     separator: str | None = None
     batch_size: int = 16
-    # More tasks after `task`, each with its shot counts and its own default prompt, e.g. the demo's
-    # {easy_vqa_binding = [0, 1, 2, 4]}; they are evaluated blind too when `blind` is set.
-    extra_tasks: dict[str, list[int]] = field(default_factory=dict)
+    # More tasks after `task`, e.g. the demo's [evaluate.extra_tasks.easy_vqa_binding] shots = [0, 1, 2, 4].
+    extra_tasks: dict[str, ExtraEvaluation] = field(default_factory=dict)
     before: bool = False  # also score the starting weights (fine-tuning from model.init_from) before training
 
     def __post_init__(self) -> None:

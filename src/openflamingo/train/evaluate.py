@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import EvaluateConfig
+from .config import EvaluateConfig, ExtraEvaluation
 
 
 @contextmanager
@@ -78,17 +78,22 @@ def evaluate_after_training(model, config: EvaluateConfig, output_dir: Path) -> 
             summary["before"] = json.loads(before.read_text())
         summary["trained"] = chat_scores(model, config)
         return _write_summary(summary, config, output_dir)
-    tasks = {config.task: list(config.shots), **config.extra_tasks}
+    tasks = {config.task: ExtraEvaluation(list(config.shots), config.num_samples), **config.extra_tasks}
     for variant in ("trained", "blind") if config.blind else ("trained",):
         summary[variant] = {}
-        for task, shots in tasks.items():
+        for task, settings in tasks.items():
+            shots = settings.shots
+            if variant == "blind" and config.blind_shots is not None:
+                shots = [s for s in shots if s in config.blind_shots]
+            if not shots:
+                continue
             main = task == config.task  # the recipe's prompt is for its main task; the others keep theirs
             eval_config = EvalConfig(
                 task,
                 DataPaths(),
                 shots=shots,
                 trials=1,
-                num_samples=config.num_samples,
+                num_samples=settings.num_samples or config.num_samples,
                 batch_size=config.batch_size,
                 zero_shot=config.zero_shot,
                 prompt=config.prompt if main else None,

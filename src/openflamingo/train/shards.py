@@ -1,7 +1,7 @@
 """The "shards" loader: tar shards read by openflamingo.data, behind the training loop's loader contract.
 
 A dataset's `path` is a shard pattern (paths, brace patterns, folders, `pipe:` commands) or `easy-vqa:LAYOUT`
-(`pairs`, `vqa`, `fewshot`): easy-VQA's training split converted once into cached shards (the demo's data).
+(`pairs`, `vqa`, `fewshot`, `chat`, `binding`): easy-VQA's training split converted once into cached shards (the demo's data).
 Options (`[datasets.NAME.options]`): `num_workers` (default 1), `shuffle_buffer` (1000), `shots` (easy-VQA
 few-shot documents, 4), `row_tokens` (pack samples into rows of this many tokens; unset: padded batches).
 With `[data] feature_cache = true` the frozen vision encoder's output for every image of the enabled datasets is
