@@ -71,7 +71,9 @@ def test_evaluation_after_training_compares_with_and_without_images(tokenizer_di
     table = capsys.readouterr().out
     assert "| task | shots | answers | trained | blind |" in table
     assert "| easy_vqa_binding | 2 | all |" in table and table.count("| easy_vqa_binding | 2 | all |") == 1
-    assert (tmp_path / "eval" / "trained" / "samples_easy_vqa_binding_2shot_trial0.jsonl").read_text().count("\n") == 3
+    assert (tmp_path / "eval" / "trained" / "samples_easy_vqa_binding_2shot_trial0.jsonl").read_text().count(
+        "\n"
+    ) == 3
     # the binding prompts put the demonstrations' images in front of the query (2 shots: 3 images)
     record = json.loads(
         (tmp_path / "eval" / "trained" / "samples_easy_vqa_binding_2shot_trial0.jsonl").open().readline()
