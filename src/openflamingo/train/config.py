@@ -132,7 +132,7 @@ class ExtraEvaluation:
 class EvaluateConfig:
     """A few-shot evaluation of the exported model after training (rank 0), e.g. the demo's easy-VQA check."""
 
-    task: str | None = None  # an openflamingo.eval task such as "easy_vqa"; None: no evaluation
+    task: str | None = None  # an openflamingo.eval task such as "easy_vqa"; None: no evaluation (extra tasks too)
     shots: list[int] = field(default_factory=lambda: [0, 4])
     num_samples: int | None = 500  # held-out examples
     blind: bool = True  # also evaluate with cross-attention switched off (is the model using the images?)
@@ -157,8 +157,6 @@ class EvaluateConfig:
         for key, task in named.items():
             if task is not None and task not in known:
                 raise ValueError(f"{key}: unknown task {task!r}; known: {', '.join(known)}")
-        if self.extra_tasks and self.task is None:
-            raise ValueError("evaluate.extra_tasks: needs evaluate.task (the first task evaluated)")
 
 
 @dataclass
