@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_train import one_thread  # noqa: F401 (an autouse fixture: tiny models run on one thread)
 
 import openflamingo
 from openflamingo.cli import main as cli_main
@@ -25,15 +26,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "released_e2e"
 VIT = FIXTURES / "vit" / "open_clip_pytorch_model.bin"
 FAMILIES = ["openflamingo_3b", "openflamingo_4b", "openflamingo_9b"]
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two, which spin-wait on each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def convert(bundle: Path, out: Path, capsys) -> str:

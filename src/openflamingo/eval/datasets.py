@@ -7,6 +7,7 @@ Every reader returns `Example`s. Image paths are not checked here (scoring saved
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,8 +268,6 @@ def read_easy_vqa_binding(split: str) -> list[Example]:
     """easy_vqa_binding: one example per image of the split, each with its own prompt: two held-out nonsense names
     bound to two shapes by four demonstrations (one image of each shape, then another of each, in random order),
     a query image of one of the two shapes, and the two names as its choices. The same on every run."""
-    import random
-
     from ..data.convert.easy_vqa import binding_episode, images_by_shape, nonsense_names
 
     by_shape, paths = images_by_shape(split)

@@ -239,14 +239,15 @@ def rank_with_ensembles(model, prepared, demos, examples, shots, seed, class_ids
         demo_orders(d, config.prompt_ensembles, f"{seed}/{e.key}")
         for d, e in zip(demos, examples, strict=True)
     ]
+    if class_ids is None:  # each example ranks its own choices (info["choices"])
+        choices = [tokenize_answers(model, spec, e.info["choices"]) for e in examples]
     total = None
     for k in range(len(orders_per_example[0])):
         prompts = [
             build_prompt(spec.prompt, orders[k], e, shots, chat_format(model))
             for orders, e in zip(orders_per_example, examples, strict=True)
         ]
-        if class_ids is None:  # each example ranks its own choices (info["choices"])
-            choices = [tokenize_answers(model, spec, e.info["choices"]) for e in examples]
+        if class_ids is None:
             scores = inference.rank_choices(model, prompts, choices, device, config.length_normalize)
         else:
             scores = inference.rank_classes(

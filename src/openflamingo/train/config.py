@@ -132,7 +132,8 @@ class ExtraEvaluation:
 class EvaluateConfig:
     """A few-shot evaluation of the exported model after training (rank 0), e.g. the demo's easy-VQA check."""
 
-    task: str | None = None  # an openflamingo.eval task such as "easy_vqa"; None: no evaluation (extra tasks too)
+    # An openflamingo.eval task such as "easy_vqa"; None: no evaluation (the extra tasks neither).
+    task: str | None = None
     shots: list[int] = field(default_factory=lambda: [0, 4])
     num_samples: int | None = 500  # held-out examples
     blind: bool = True  # also evaluate with cross-attention switched off (is the model using the images?)

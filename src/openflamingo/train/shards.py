@@ -1,7 +1,8 @@
 """The "shards" loader: tar shards read by openflamingo.data, behind the training loop's loader contract.
 
 A dataset's `path` is a shard pattern (paths, brace patterns, folders, `pipe:` commands) or `easy-vqa:LAYOUT`
-(`pairs`, `vqa`, `fewshot`, `chat`, `binding`): easy-VQA's training split converted once into cached shards (the demo's data).
+(`pairs`, `vqa`, `fewshot`, `chat`, `binding`): easy-VQA's training split converted once into cached shards (the
+demo's data).
 Options (`[datasets.NAME.options]`): `num_workers` (default 1), `shuffle_buffer` (1000), `shots` (easy-VQA
 few-shot documents, 4), `row_tokens` (pack samples into rows of this many tokens; unset: padded batches).
 With `[data] feature_cache = true` the frozen vision encoder's output for every image of the enabled datasets is
@@ -126,9 +127,7 @@ def open_feature_cache(configs: dict, model, rank: int, limits):
             build_feature_cache(urls, model, path, progress=rank == 0, limits=limits)
         while not path.is_file():  # the builder's failure ends the whole job (torchrun), not this loop
             time.sleep(5)
-    cache = FeatureCache(path)
-    cache.check(model)
-    return cache
+    return FeatureCache(path)  # its name holds the encoder's fingerprint: no second hash of the weights
 
 
 def _size_and_mtime(url: str) -> tuple[int | None, int | None]:

@@ -84,18 +84,27 @@ def nonsense_names(split: str) -> list[str]:
 BINDING_TEXT = "This is a"
 
 
-def images_by_shape(split: str) -> tuple[dict[str, list[int]], list[str]]:
-    """{shape: image ids whose questions reveal that shape}, and the image paths."""
-    records, paths, colours = _load(split)
+def _captions(records, colours: list[str]) -> dict[int, str]:
+    """{image id: its caption read off its answers}, in image id order."""
     per_image: dict[int, list[tuple[str, str]]] = {}
     for question, answer, image_id in records:
         per_image.setdefault(image_id, []).append((question, answer))
+    return {image_id: caption_from_questions(per_image[image_id], colours) for image_id in sorted(per_image)}
+
+
+def _by_shape(captions: dict[int, str]) -> dict[str, list[int]]:
     by_shape: dict[str, list[int]] = {shape: [] for shape in SHAPES}
-    for image_id in sorted(per_image):
-        shape = caption_from_questions(per_image[image_id], colours).split()[-1]
-        if shape in by_shape:
+    for image_id, caption in captions.items():
+        shape = caption.split()[-1]
+        if shape in by_shape:  # "shape": the answers never name it
             by_shape[shape].append(image_id)
-    return by_shape, paths
+    return by_shape
+
+
+def images_by_shape(split: str) -> tuple[dict[str, list[int]], list[str]]:
+    """{shape: image ids whose questions reveal that shape}, and the image paths."""
+    records, paths, colours = _load(split)
+    return _by_shape(_captions(records, colours)), paths
 
 
 def binding_episode(
@@ -116,12 +125,13 @@ def binding_episode(
     return [(image_id, bound[shape]) for image_id, shape in zip(images, order, strict=True)]
 
 
-def _binding_documents(image, split: str, seed: int, pairs: int = 2, queries: int = 2):
-    """One document per image of the split; names are trained only once the document has bound both."""
-    by_shape, paths = images_by_shape(split)
+def _binding_documents(
+    image, by_shape: dict[str, list[int]], count: int, split: str, seed: int, pairs: int = 2, queries: int = 2
+):
+    """`count` documents; names are trained only once the document has bound both."""
     names = nonsense_names(split)
     rng = random.Random(f"binding/{split}/{seed}")
-    for index in range(len(paths)):
+    for index in range(count):
         episode = binding_episode(rng, by_shape, names, pairs, queries)
         items = []
         for position, (image_id, name) in enumerate(episode):
@@ -160,11 +170,7 @@ def easy_vqa_samples(
         return images[image_id]
 
     if layout == "pairs":
-        per_image: dict[int, list[tuple[str, str]]] = {}
-        for question, answer, image_id in records:
-            per_image.setdefault(image_id, []).append((question, answer))
-        for image_id in sorted(per_image):
-            caption = caption_from_questions(per_image[image_id], colours)
+        for image_id, caption in _captions(records, colours).items():
             yield ImageTextPair(f"{image_id:06d}", image(image_id), caption, {"image_id": image_id})
         return
     if layout == "vqa":
@@ -175,7 +181,8 @@ def easy_vqa_samples(
             )
         return
     if layout == "binding":
-        yield from _binding_documents(image, split, seed)
+        # one document per image of the split
+        yield from _binding_documents(image, _by_shape(_captions(records, colours)), len(paths), split, seed)
         return
     if shots < 1:
         raise ValueError(f"{layout} samples need shots >= 1, got {shots}")
