@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import csv
 import io
 import itertools
@@ -17,7 +18,7 @@ from transformers import AutoTokenizer
 
 from openflamingo.data import DatasetConfig, ImageItem, ShardLoader, TextItem, read_shard, sample_from_members
 from openflamingo.data.convert import ConversionReport
-from openflamingo.data.convert.easy_vqa import easy_vqa_samples, easy_vqa_shards
+from openflamingo.data.convert.easy_vqa import SHAPES, easy_vqa_samples, easy_vqa_shards
 from openflamingo.data.convert.mmc4 import assign_images_to_sentences
 
 pytestmark = pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
@@ -263,6 +264,34 @@ def test_easy_vqa_layouts(tmp_path):
     fewshot = next(easy_vqa_samples("fewshot", report, shots=4))
     assert len(fewshot.images) == 4 and len({i.data for i in fewshot.images}) == 4
     assert [i.loss for i in fewshot.items if isinstance(i, TextItem)] == [False, True] * 4
+
+
+def test_easy_vqa_balanced_layout_cannot_be_answered_from_the_question():
+    """On `vqa`, easy-VQA's yes/no answers follow from the question's kind (absent colours are asked about most);
+    on `vqa-balanced` every kind has as many yes as no, and every open question is kept."""
+    import easy_vqa
+
+    kind_words = {*SHAPES, *easy_vqa.get_answers()} - {"yes", "no"}
+
+    def by_kind(layout):
+        counts = collections.defaultdict(collections.Counter)
+        for document in easy_vqa_samples(layout, ConversionReport(), split="test"):
+            question, answer = document.items[1].text, document.items[2].text
+            words = question.removesuffix(" Short answer:").rstrip("?").split()
+            kind = ("not" in words or "no" in words, next((w for w in words if w in kind_words), None))
+            counts[kind if answer in ("yes", "no") else "open"][answer] += 1
+        return counts
+
+    full, balanced = by_kind("vqa"), by_kind("vqa-balanced")
+    assert balanced["open"] == full["open"]
+    kinds = [kind for kind in full if kind != "open"]
+    assert len(kinds) == 22 and all(
+        kind[1] is not None for kind in kinds
+    )  # 8 colours + 3 shapes, negated or not
+    from_question = sum(max(full[k].values()) for k in kinds) / sum(full[k].total() for k in kinds)
+    assert from_question > 0.8  # what a model that never looks scores on the full set's yes/no questions
+    for kind in kinds:
+        assert balanced[kind]["yes"] == balanced[kind]["no"] == min(full[kind]["yes"], full[kind]["no"]) > 0
 
 
 def test_easy_vqa_shards_are_built_once_and_reused(tmp_path):

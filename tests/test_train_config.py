@@ -106,6 +106,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--model.vision.kind", "resnet"], r"^model\.vision: vision\.kind='resnet' is not known"),
         (["--train.betas", "[0.9]"], r"^train\.betas: expected 2 values"),
         (["--train.min_lr", "1"], r"^train\.min_lr: 1\.0 is above train\.lr"),
+        (["--train.decay_steps", "20"], r"^train\.decay_steps: 20 needs >= 1 and a linear or cosine"),
+        (["--train.schedule", "linear", "--train.decay_steps", "0"], r"^train\.decay_steps: 0 needs >= 1"),
         (["--train.lr_scale.added_tokens", "-1"], r"^train\.lr_scale\.added_tokens: must be >= 0"),
         (["--train", "1"], r"^--train: overrides name a section and a key"),
         (["--train.lr"], r"^--train\.lr: missing value"),
@@ -153,6 +155,16 @@ def test_schedules_warm_up_over_optimizer_steps_then_decay_to_min_lr(schedule):
     )
     assert LRSchedule(config).lr(10) == pytest.approx(1.0 if schedule == "constant" else 0.1)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_decay_steps_hold_the_lr_until_the_last_steps(schedule):
+    config = TrainConfig(steps=10, lr=1.0, min_lr=0.2, warmup_steps=2, schedule=schedule, decay_steps=4)
+    lrs = [LRSchedule(config).lr(step) for step in range(11)]
+    assert lrs[:7] == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert lrs[7] == pytest.approx({"linear": 0.8, "cosine": 0.2 + 0.4 * (1 + 2**-0.5)}[schedule])
+    assert lrs[10] == pytest.approx(0.2)
+    assert all(a > b for a, b in zip(lrs[6:], lrs[7:], strict=False))
 
 
 def test_defaults_alone_are_not_a_run():

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .images import ImageLimits, decode_image
-from .samples import BAD_REASONS, UNDECODABLE_IMAGE, BadSample, sample_from_members
+from .samples import BAD_REASONS, IMAGE_EXTENSIONS, UNDECODABLE_IMAGE, BadSample, sample_from_members
 from .shards import read_shard
 
 HEADER_BYTES = 1 << 16  # reserved for the safetensors header; the format allows padding it with spaces
@@ -113,6 +113,12 @@ def _shard_images(url: str, encoder, limits: ImageLimits | None, seen: set[bytes
     """(digest, preprocessed pixels) of each image of `url` not seen before; bad ones go to `bad` instead."""
     try:
         for raw in read_shard(url):
+            # Most samples repeat images already seen (one per question of an image): skip them before parsing.
+            image_members = [
+                d for ext, d in raw.members.items() if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+            ]
+            if image_members and all(hashlib.sha256(data).digest() in seen for data in image_members):
+                continue
             try:
                 images = sample_from_members(raw.key, raw.members).images
             except BadSample:

@@ -57,6 +57,9 @@ class TrainConfig:
     lr: float = 1e-4
     schedule: str = "constant"  # "constant" | "linear" | "cosine" (after warmup)
     warmup_steps: int = 0  # counted in optimizer steps
+    # linear/cosine: decay over only the last decay_steps steps, at lr until then (warmup-stable-decay); unset: decay
+    # from the end of warmup.
+    decay_steps: int | None = None
     min_lr: float = 0.0  # where linear/cosine decay ends
     weight_decay: float = 0.1
     # Which parameters decay: "cross_attention" (OpenFlamingo: cross-attention matrices only, no gates/norms/biases),
@@ -325,6 +328,11 @@ def validate(config: RunConfig) -> RunConfig:
     for prefix, scale in t.lr_scale.items():
         if scale < 0:
             raise ValueError(f"train.lr_scale.{prefix}: must be >= 0, got {scale}")
+    if t.decay_steps is not None and (t.decay_steps < 1 or t.schedule == "constant"):
+        raise ValueError(
+            f"train.decay_steps: {t.decay_steps} needs >= 1 and a linear or cosine train.schedule, "
+            f"not {t.schedule!r}"
+        )
     if t.min_lr > t.lr:
         raise ValueError(f"train.min_lr: {t.min_lr} is above train.lr={t.lr}")
     if config.data.feature_cache and config.data.loader != "shards":

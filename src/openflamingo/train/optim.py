@@ -58,7 +58,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 class LRSchedule:
     """lr(step) for optimizer step `step` (0-based): linear warmup from lr/warmup to lr, then constant, linear or
-    cosine decay to min_lr at `config.steps`. Pure function of the step, so its state is the step alone."""
+    cosine decay to min_lr at `config.steps`; with `decay_steps`, the lr holds until the last `decay_steps` steps and
+    decays over those alone (warmup-stable-decay). Pure function of the step, so its state is the step alone."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -70,7 +71,10 @@ class LRSchedule:
             return c.lr * (step + 1) / c.warmup_steps
         if c.schedule == "constant":
             return c.lr
-        progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+        decay_start = (
+            c.warmup_steps if c.decay_steps is None else max(c.warmup_steps, c.steps - c.decay_steps)
+        )
+        progress = min(1.0, max(0, step - decay_start) / max(1, c.steps - decay_start))
         if c.schedule == "linear":
             return c.lr + (c.min_lr - c.lr) * progress
         return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))

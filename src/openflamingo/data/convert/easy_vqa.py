@@ -1,8 +1,11 @@
 """easy-VQA (PyPI `easy-vqa==1.0`, MIT: 64x64 images of one coloured shape, yes/no, shape and colour questions).
 
-Five layouts:
+Six layouts:
 - `pairs`: one caption per image ("a blue rectangle"), read off that image's question-answer pairs;
 - `vqa`: one document per question, `<image>Question: q Short answer: a`, only the answer trained;
+- `vqa-balanced`: `vqa` with as many "yes" as "no" answers per yes/no question kind (negated or not x the colour or
+  shape asked about). easy-VQA mostly asks about what is absent ("is there a red shape?" is mostly "no"), so
+  on `vqa` a model scores its yes/no questions from the question alone and never learns to look;
 - `fewshot`: documents of `shots` image/question/answer triples on different images, so in-context use is trained
   (a model trained on single questions does worse with demonstrations than without);
 - `chat`: conversations of `shots` turns about one image, answered in sentences ("What color is the shape?" ->
@@ -28,7 +31,7 @@ from ..samples import Conversation, ImageItem, ImageTextPair, InterleavedDocumen
 from .annotations import VQA_PROMPT, vqa_items
 from .common import ConversionReport, image_file, write_samples
 
-LAYOUTS = ("pairs", "vqa", "fewshot", "chat", "binding")
+LAYOUTS = ("pairs", "vqa", "vqa-balanced", "fewshot", "chat", "binding")
 SHAPES = ("circle", "rectangle", "triangle")
 NEGATIONS = ("not", "no")
 
@@ -79,6 +82,27 @@ def nonsense_names(split: str) -> list[str]:
     if split == "test":
         return ordered[400:]
     raise ValueError(f"binding names: split must be 'train' or 'test', got {split!r}")
+
+
+def balanced_yes_no(records, colours: list[str], seed: int) -> list[int]:
+    """Indices of `records` to keep: every open question, and per yes/no question kind (negated or not x the colour or
+    shape asked about) all answers of the rarer kind and a seeded sample of as many of the other."""
+    kinds: dict[tuple[bool, str | None], dict[str, list[int]]] = {}
+    keep: list[int] = []
+    for index, (question, answer, _) in enumerate(records):
+        if answer not in ("yes", "no"):
+            keep.append(index)
+            continue
+        words = question.rstrip("?").split()
+        subject = next((w for w in words if w in SHAPES or w in colours), None)
+        kind = (any(w in NEGATIONS for w in words), subject)
+        kinds.setdefault(kind, {"yes": [], "no": []})[answer].append(index)
+    rng = random.Random(f"easy-vqa balanced yes/no/{seed}")
+    for by_answer in kinds.values():
+        count = min(len(indices) for indices in by_answer.values())
+        for indices in by_answer.values():
+            keep += rng.sample(indices, count)
+    return sorted(keep)
 
 
 BINDING_TEXT = "This is a"
@@ -173,8 +197,10 @@ def easy_vqa_samples(
         for image_id, caption in _captions(records, colours).items():
             yield ImageTextPair(f"{image_id:06d}", image(image_id), caption, {"image_id": image_id})
         return
-    if layout == "vqa":
-        for index, (question, answer, image_id) in enumerate(records):
+    if layout in ("vqa", "vqa-balanced"):
+        kept = balanced_yes_no(records, colours, seed) if layout == "vqa-balanced" else range(len(records))
+        for index in kept:
+            question, answer, image_id = records[index]
             metadata = {"image_id": image_id, "answer": answer}
             yield InterleavedDocument(
                 f"{index:07d}", vqa_items(image(image_id), question, answer, prompt), metadata
