@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .convert import DEFAULT_SIMILARITY_THRESHOLD, FORMATS, VQA_PROMPT
+from .convert.easy_vqa import LAYOUTS
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -92,9 +93,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_SIMILARITY_THRESHOLD,
         help="mmc4: minimum image-sentence CLIP cosine similarity",
     )
-    convert.add_argument(
-        "--layout", choices=("pairs", "vqa", "fewshot", "chat", "binding"), default="vqa", help="easy-vqa"
-    )
+    convert.add_argument("--layout", choices=LAYOUTS, default="vqa", help="easy-vqa")
     convert.add_argument("--split", choices=("train", "test"), default="train", help="easy-vqa")
     convert.add_argument(
         "--shots", type=int, default=4, help="easy-vqa fewshot: triples per document; chat: turns"
