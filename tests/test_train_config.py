@@ -106,7 +106,10 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--model.vision.kind", "resnet"], r"^model\.vision: vision\.kind='resnet' is not known"),
         (["--train.betas", "[0.9]"], r"^train\.betas: expected 2 values"),
         (["--train.min_lr", "1"], r"^train\.min_lr: 1\.0 is above train\.lr"),
-        (["--train.decay_steps", "20"], r"^train\.decay_steps: 20 needs >= 1 and a linear or cosine"),
+        (
+            ["--train.schedule", "constant", "--train.decay_steps", "20"],
+            r"^train\.decay_steps: 20 needs >= 1 and a linear or cosine",
+        ),
         (["--train.schedule", "linear", "--train.decay_steps", "0"], r"^train\.decay_steps: 0 needs >= 1"),
         (["--train.lr_scale.added_tokens", "-1"], r"^train\.lr_scale\.added_tokens: must be >= 0"),
         (["--train", "1"], r"^--train: overrides name a section and a key"),

@@ -52,16 +52,19 @@ def build_feature_cache(
     shards: list[str],
     model,
     path: str | os.PathLike,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool = True,
     limits: ImageLimits | None = None,
 ) -> Path:
     """Encode every distinct image of `shards` (decoded and preprocessed as the loader does) into the cache at
-    `path`, written atomically. Unreadable shard tails and bad samples are skipped as the loader skips them."""
+    `path`, written atomically. Unreadable shard tails and bad samples are skipped as the loader skips them.
+    `batch_size` defaults to 16 images on a CPU (EfficientNet-Lite0 on 2 cores: 6.5 ms/image at 16, 11 at 64: the
+    activations of small batches stay in cache) and 256 on a GPU."""
     encoder = model.vision_encoder
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device, dtype = next(encoder.parameters()).device, encoder._parameter_dtype()
+    batch_size = batch_size or (16 if device.type == "cpu" else 256)
     digests: list[bytes] = []
     seen: set[bytes] = set()
     bad: dict[bytes, int] = {}
