@@ -285,9 +285,8 @@ def test_easy_vqa_balanced_layout_cannot_be_answered_from_the_question():
     full, balanced = by_kind("vqa"), by_kind("vqa-balanced")
     assert balanced["open"] == full["open"]
     kinds = [kind for kind in full if kind != "open"]
-    assert len(kinds) == 22 and all(
-        kind[1] is not None for kind in kinds
-    )  # 8 colours + 3 shapes, negated or not
+    # 8 colours + 3 shapes, negated or not
+    assert len(kinds) == 22 and all(kind[1] is not None for kind in kinds)
     from_question = sum(max(full[k].values()) for k in kinds) / sum(full[k].total() for k in kinds)
     assert from_question > 0.8  # what a model that never looks scores on the full set's yes/no questions
     for kind in kinds:

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .images import ImageLimits, decode_image
-from .samples import BAD_REASONS, IMAGE_EXTENSIONS, UNDECODABLE_IMAGE, BadSample, sample_from_members
+from .samples import BAD_REASONS, UNDECODABLE_IMAGE, BadSample, is_image_member, sample_from_members
 from .shards import read_shard
 
 HEADER_BYTES = 1 << 16  # reserved for the safetensors header; the format allows padding it with spaces
@@ -117,17 +117,19 @@ def _shard_images(url: str, encoder, limits: ImageLimits | None, seen: set[bytes
     try:
         for raw in read_shard(url):
             # Most samples repeat images already seen (one per question of an image): skip them before parsing.
-            image_members = [
-                d for ext, d in raw.members.items() if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-            ]
-            if image_members and all(hashlib.sha256(data).digest() in seen for data in image_members):
+            digests = {
+                data: hashlib.sha256(data).digest()
+                for name, data in raw.members.items()
+                if is_image_member(name)
+            }
+            if digests and all(digest in seen for digest in digests.values()):
                 continue
             try:
                 images = sample_from_members(raw.key, raw.members).images
             except BadSample:
                 continue  # the loader skips the whole sample, images and all
             for item in images:
-                digest = hashlib.sha256(item.data).digest()
+                digest = digests.get(item.data) or hashlib.sha256(item.data).digest()
                 if digest in seen:
                     continue
                 seen.add(digest)

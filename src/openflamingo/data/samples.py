@@ -222,6 +222,11 @@ def _json(key: str, extension: str, data: bytes) -> Any:
         raise BadSample(INVALID_JSON, f"sample {key!r} member {extension!r}: {error}") from None
 
 
+def is_image_member(name: str) -> bool:
+    """A document's or conversation's image member ("0.png", "img.1.jpg") by its extension."""
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
 def sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
     """Parse and validate one shard sample; raises BadSample naming the reason."""
     if "doc.json" in members:
@@ -268,9 +273,7 @@ def _document_from_members(key: str, members: dict[str, bytes]) -> InterleavedDo
             items.append(ImageItem(members[name], name))
         else:
             raise BadSample(MISSING_FIELD, f"document {key!r} item {i} has neither 'text' nor 'image'")
-    unused = sorted(
-        ext for ext in members if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and ext not in used
-    )
+    unused = sorted(ext for ext in members if is_image_member(ext) and ext not in used)
     if unused:
         raise BadSample(IMAGE_COUNT_MISMATCH, f"document {key!r} has images {unused} that no item places")
     metadata = document.get("metadata", {})
@@ -301,9 +304,7 @@ def _conversation_from_members(key: str, members: dict[str, bytes]) -> Conversat
         raise BadSample(
             IMAGE_COUNT_MISMATCH, f"conversation {key!r} names image {missing[0]!r}, not in the shard"
         )
-    unused = sorted(
-        ext for ext in members if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and ext not in names
-    )
+    unused = sorted(ext for ext in members if is_image_member(ext) and ext not in names)
     if unused:
         raise BadSample(
             IMAGE_COUNT_MISMATCH, f"conversation {key!r} has images {unused} that no message places"
