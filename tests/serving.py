@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
 from openflamingo.serve.app import Settings, create_app
 from openflamingo.serve.engine import Engine
+from openflamingo.serve.http import server_config
 from openflamingo.serve.images import ImagePolicy
 from openflamingo.serve.protocol import Limits
 
@@ -47,10 +48,11 @@ def tiny_model(tokenizer_dir, seed: int = 0):
     return build_flamingo(config, seed=seed).eval()
 
 
-def settings(model, **limits) -> Settings:
-    images = limits.pop("images", ImagePolicy())
-    api_key = limits.pop("api_key", None)
-    return Settings(Limits(MODEL, **limits), images, model.config.prompt_format, api_key)
+def settings(
+    model, images: ImagePolicy = ImagePolicy(), api_key: str | None = None, server=None, **limits
+) -> Settings:
+    """Settings with these Limits; `server` holds other Settings fields (timeouts, allowed hosts)."""
+    return Settings(Limits(MODEL, **limits), images, model.config.prompt_format, api_key, **(server or {}))
 
 
 def free_port() -> int:
@@ -61,15 +63,15 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    model, server_settings: Settings, max_batch_size: int = 8, batch_wait_s: float = 0.005
+    model, server_settings: Settings, max_batch_size: int = 8, batch_wait_s: float = 0.005, **engine_options
 ) -> Iterator[str]:
     """The app under uvicorn on 127.0.0.1:<free port>; yields (base URL, engine)."""
     import uvicorn
 
-    engine = Engine(model, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
+    engine = Engine(model, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, **engine_options)
     app = create_app(model, engine, server_settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, server_settings.read_timeout_s))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

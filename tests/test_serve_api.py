@@ -135,17 +135,19 @@ def test_serve_without_a_checkpoint_says_to_run_make_demo(tmp_path, monkeypatch,
 
 
 def test_serve_command_starts_and_prints_its_urls(model, tmp_path, monkeypatch, capsys):
-    """The command's own code path (load, settings, app, uvicorn) on a saved checkpoint; uvicorn.run is replaced by
-    the same server run on a thread, so that the test can stop it."""
+    """The command's own code path (load, settings, app, uvicorn) on a saved checkpoint; uvicorn.Server.run is
+    replaced by the same server run on a thread, so that the test can stop it."""
     import uvicorn
 
     model.save_pretrained(tmp_path / "model", include_backbones=True)
     port = free_port()
     answers = []
 
-    def run_and_ask(app, host, port, log_level):
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-        thread = threading.Thread(target=server.run, daemon=True)
+    serve_forever = uvicorn.Server.run
+
+    def run_and_ask(server):
+        host, port = server.config.host, server.config.port
+        thread = threading.Thread(target=serve_forever, args=(server,), daemon=True)
         thread.start()
         try:
             while not server.started and thread.is_alive():
@@ -156,7 +158,7 @@ def test_serve_command_starts_and_prints_its_urls(model, tmp_path, monkeypatch, 
             server.should_exit = True
             thread.join(timeout=30)
 
-    monkeypatch.setattr(uvicorn, "run", run_and_ask)
+    monkeypatch.setattr(uvicorn.Server, "run", run_and_ask)
     assert (
         main(["serve", "--checkpoint", str(tmp_path / "model"), "--port", str(port), "--model-name", "tiny"])
         == 0

@@ -63,7 +63,9 @@ class PromptFormat:
         self, messages: list[Message], tokenizer=None, add_generation_prompt: bool = False
     ) -> RenderedPrompt:
         """The conversation as model text; `add_generation_prompt` ends it where the next answer starts (the last
-        message must then be the user's). The chat kind needs the tokenizer (its chat template)."""
+        message must then be the user's). The chat kind needs the tokenizer (its chat template); it locates the
+        answers (rendering the template once more per answer) only for training text, without
+        `add_generation_prompt`, and leaves `answer_spans` empty for a prompt."""
         _check_messages(messages, add_generation_prompt)
         if self.kind == "flamingo":
             return self._render_flamingo(messages)
@@ -122,6 +124,9 @@ class PromptFormat:
                 turns[:upto], tokenize=False, add_generation_prompt=generation_prompt
             )
 
+        text = apply(len(turns), add_generation_prompt)
+        if add_generation_prompt:
+            return RenderedPrompt(text)
         spans = []
         for i, turn in enumerate(turns):
             if turn["role"] != "assistant":
@@ -133,7 +138,7 @@ class PromptFormat:
                     "cannot be located for training; use prompt_format.kind = 'flamingo'"
                 )
             spans.append((len(before), len(through)))
-        return RenderedPrompt(apply(len(turns), add_generation_prompt), spans)
+        return RenderedPrompt(text, spans)
 
 
 def _check_messages(messages: list[Message], add_generation_prompt: bool) -> None:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 
+log = logging.getLogger("openflamingo.serve")
+
 DEFAULT_CHECKPOINT = Path("runs/demo/final")
+API_KEY_VARIABLE = "OPENFLAMINGO_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -31,7 +37,46 @@ def register(commands) -> None:
     serve.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="how long an idle server gathers a batch"
     )
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument(
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY' on /v1 routes (or set {API_KEY_VARIABLE}, or --api-key-file)",
+    )
+    serve.add_argument(
+        "--api-key-file", type=Path, help="read the API key from this file (keeps it out of ps)"
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name served without an API key besides IP addresses and localhost (repeatable)",
+    )
+    serve.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting for the engine; past it, 429 (default 64)"
+    )
+    serve.add_argument(
+        "--request-timeout", type=float, default=300.0, help="seconds from arrival to the last token (300)"
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to receive a request's head, and its body (30)",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=256, help="open connections; past it, 503 (default 256)"
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds running requests get to finish on SIGTERM / Ctrl-C (30)",
+    )
+    serve.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop sequence (256)")
+    serve.add_argument(
+        "--max-score-tokens", type=int, default=8192, help="candidate tokens per /v1/score request (8192)"
+    )
+    serve.add_argument("--max-candidates", type=int, default=10_000, help="candidates per /v1/score request")
     serve.add_argument("--max-image-bytes", type=int, default=20 * 2**20, help="per image (default 20 MiB)")
     serve.add_argument(
         "--max-image-pixels", type=int, default=40_000_000, help="per image (decompression bombs)"
@@ -47,7 +92,9 @@ def register(commands) -> None:
         help="override the checkpoint's prompt format: 'chat' (the LM's chat template), 'flamingo' (the default "
         "template) or a flamingo template such as 'Question:{question} Short answer:{answer}'",
     )
-    serve.add_argument("--model-name", help="the model id clients send (default: the checkpoint path)")
+    serve.add_argument(
+        "--model-name", help="the model id clients send (default: the checkpoint directory's name)"
+    )
     serve.set_defaults(run=run)
 
 
@@ -75,9 +122,25 @@ def run(args: argparse.Namespace) -> None:
         "max_images",
         "max_tokens",
         "threads",
+        "max_queue",
+        "max_connections",
+        "max_stop_chars",
+        "max_score_tokens",
+        "max_candidates",
+        "request_timeout",
+        "read_timeout",
+        "shutdown_grace",
     ):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    api_key = read_api_key(args)
+    if api_key is None and args.host not in LOOPBACK:
+        log.warning(
+            "serving on %s without an API key: anyone who can reach this port can use the model "
+            "(--api-key, --api-key-file or %s)",
+            args.host,
+            API_KEY_VARIABLE,
+        )
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         raise FileNotFoundError(f"--allow-local-images: {args.allow_local_images} is not a directory")
     try:
@@ -90,9 +153,11 @@ def run(args: argparse.Namespace) -> None:
 
     from ..model.checkpoint import load
     from .app import Settings
+    from .engine import Engine
     from .images import ImagePolicy
     from .protocol import Limits
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -100,10 +165,13 @@ def run(args: argparse.Namespace) -> None:
     model = load(checkpoint).to(device=device, dtype=getattr(torch, dtype)).eval()
     settings = Settings(
         limits=Limits(
-            model_name=args.model_name or str(checkpoint),
+            model_name=args.model_name or checkpoint.resolve().name,
             max_images=args.max_images,
             max_tokens=args.max_tokens,
             max_n=args.max_batch_size,
+            max_candidates=args.max_candidates,
+            max_score_tokens=args.max_score_tokens,
+            max_stop_chars=args.max_stop_chars,
         ),
         images=ImagePolicy(
             max_bytes=args.max_image_bytes,
@@ -112,22 +180,57 @@ def run(args: argparse.Namespace) -> None:
             local_dir=args.allow_local_images,
         ),
         prompt_format=override or model.config.prompt_format,
-        api_key=args.api_key,
+        api_key=api_key,
+        allowed_hosts=frozenset([*args.allowed_host, args.host]),
+        request_timeout_s=args.request_timeout,
+        read_timeout_s=args.read_timeout,
     )
-    serve(model, settings, args.host, args.port, args.max_batch_size, args.batch_wait_ms / 1000)
+    engine = Engine(
+        model,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
+        max_queue=args.max_queue,
+    )
+    serve(model, engine, settings, args.host, args.port, args.max_connections, args.shutdown_grace)
 
 
-def serve(model, settings, host: str, port: int, max_batch_size: int, batch_wait_s: float) -> None:
-    """Run until interrupted (Ctrl-C / SIGTERM); prints the page and API URLs once the port is open."""
+def read_api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else --api-key-file, else $OPENFLAMINGO_API_KEY; an empty key is an error, not "no key"."""
+    if args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    elif args.api_key_file is not None:
+        try:
+            key, source = (
+                args.api_key_file.read_text(encoding="utf-8").strip(),
+                f"--api-key-file {args.api_key_file}",
+            )
+        except OSError as error:
+            raise FileNotFoundError(
+                f"--api-key-file: cannot read {args.api_key_file} ({error.strerror})"
+            ) from None
+    elif API_KEY_VARIABLE in os.environ:
+        key, source = os.environ[API_KEY_VARIABLE], API_KEY_VARIABLE
+    else:
+        return None
+    if not key.strip():
+        raise ValueError(f"{source}: the API key is empty")
+    return key.strip()
+
+
+def serve(
+    model, engine, settings, host: str, port: int, max_connections: int, shutdown_grace_s: float
+) -> None:
+    """Run until SIGTERM / Ctrl-C, then drain; prints the page and API URLs once the port is open."""
     import uvicorn
 
     from .app import create_app
-    from .engine import Engine
+    from .http import server_config
 
-    engine = Engine(model, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
     shown = f"[{host}]" if ":" in host else host
     announce = (
         f"openflamingo serve: chat page http://{shown}:{port}/  API http://{shown}:{port}/v1  "
         f"(model {settings.limits.model_name!r})"
     )
-    uvicorn.run(create_app(model, engine, settings, announce), host=host, port=port, log_level="warning")
+    app = create_app(model, engine, settings, announce)
+    config = server_config(app, host, port, settings.read_timeout_s, max_connections, shutdown_grace_s)
+    uvicorn.Server(config).run()

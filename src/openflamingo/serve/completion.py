@@ -1,8 +1,10 @@
 """One answer (an OpenAI "choice") as it is generated: its tokens, the text that may be sent, and why it ended.
 
-Text is decoded from all tokens so far (a token can be half of a UTF-8 character, or of a word the tokenizer joins),
-and text that could still turn into a stop sequence is held back, so a streamed answer never shows a stop sequence
-or a broken character that a later token would change.
+Each new token costs time in proportion to the text it adds, never to the answer so far: it is decoded together with
+the few tokens before it (a token can be half of a UTF-8 character, or of a word the tokenizer joins, so its text is
+only final once decoding it in context no longer ends in a broken character), and stop sequences are searched only
+where they could newly end. Text that could still turn into a stop sequence is held back, so a streamed answer never
+shows a stop sequence or a broken character that a later token would change.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ class Completion:
         self.stop_token_ids = stop_token_ids
         self.max_tokens = max_tokens
         self.tokens: list[int] = []
-        self.sent = ""  # text already handed out
+        self.text = ""  # the answer's final text so far (leading whitespace dropped)
+        self.sent = 0  # characters of `text` already handed out
         self.finish_reason: str | None = None  # "stop" | "length" once finished
+        # tokens[context:pending] are decoded only as context of the tokens from `pending` on, whose text is not final.
+        self._context = 0
+        self._pending = 0
 
     @property
     def finished(self) -> bool:
@@ -27,34 +33,55 @@ class Completion:
     def add(self, token: int) -> str:
         """Record a generated token; returns the text that became final with it (maybe "")."""
         self.tokens.append(token)
-        text = self._text()
-        # Only the new tail can hold a new match: search from where each stop could start; the earliest wins.
-        starts = [text.find(stop, max(0, len(self.sent) - len(stop))) for stop in self.stop]
-        if any(start >= 0 for start in starts):
-            self.finish_reason = "stop"
-            return self._release(text[: min(start for start in starts if start >= 0)], final=True)
         if token in self.stop_token_ids:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.max_tokens:
             self.finish_reason = "length"
-        return self._release(text, final=self.finished)
+        searched_from = len(self.text)
+        self._decode_new(final=self.finished)
+        stop_at = self._stop_in_new_text(searched_from)
+        if stop_at is not None:
+            self.finish_reason = "stop"
+            self.text = self.text[:stop_at]
+        return self._release()
 
-    def _text(self) -> str:
+    def _decode_new(self, final: bool) -> None:
         # The stop token itself is special and dropped, and so is leading whitespace (the space a prompt format puts
-        # before its answers, "Short answer: circle"), as `openflamingo generate` drops both. Once a visible character
-        # has come the stripped prefix no longer changes, so text already sent stays a prefix of the answer.
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
+        # before its answers, "Short answer: circle"), as `openflamingo generate` drops both.
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.tokens[self._context : self._pending])
+        through = decode(self.tokens[self._context :])
+        if len(through) <= len(before) or (through.endswith(REPLACEMENT) and not final):
+            return
+        new = through[len(before) :]
+        self.text = (self.text + new) if self.text else new.lstrip()
+        self._context, self._pending = self._pending, len(self.tokens)
 
-    def _release(self, text: str, final: bool) -> str:
-        end = len(text)
-        if not final:
-            if text.endswith(REPLACEMENT):
-                end -= 1
-            end -= max(
-                (k for s in self.stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0
-            )
-        if end <= len(self.sent):
+    def _stop_in_new_text(self, searched_from: int) -> int | None:
+        """Where the earliest stop sequence that ends in the text added since `searched_from` starts."""
+        starts = [self.text.find(stop, max(0, searched_from - len(stop) + 1)) for stop in self.stop]
+        found = [start for start in starts if start >= 0]
+        return min(found) if found else None
+
+    def _release(self) -> str:
+        end = len(self.text)
+        if not self.finished:
+            end -= max((_partial_stop(self.text, stop) for stop in self.stop), default=0)
+        if end <= self.sent:
             return ""
-        delta = text[len(self.sent) : end]
-        self.sent += delta
+        delta = self.text[self.sent : end]
+        self.sent = end
         return delta
+
+
+def _partial_stop(text: str, stop: str) -> int:
+    """The length of the longest start of `stop` (shorter than `stop`) that `text` ends with. Only starts whose last
+    character is the text's last character can match, so few are compared."""
+    if not text:
+        return 0
+    k = min(len(stop) - 1, len(text))
+    while (k := stop.rfind(text[-1], 0, k) + 1) > 0:
+        if text.endswith(stop[:k]):
+            return k
+        k -= 1
+    return 0

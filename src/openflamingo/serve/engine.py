@@ -15,21 +15,30 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import logging
 import queue
 import threading
 import time
-import traceback
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
-from ..eval.inference import rank_classes_from_tensors
 from ..model.language import forward_accepts
 from .batch import Batch
 from .completion import Completion
 from .sampling import Sampling, next_tokens
+from .scoring import ScoreJob, ScoreTask
+
+log = logging.getLogger("openflamingo.serve")
+
+
+class QueueFull(Exception):
+    """The waiting line holds --max-queue requests already."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down (or died): nothing new is taken."""
 
 
 def release_memory() -> None:
@@ -57,7 +66,8 @@ class Finished:
 
 @dataclass
 class Failed:
-    message: str
+    message: str  # for the server log; clients get a generic message
+    shutdown: bool = False  # the server stopped before the request was done
 
 
 @dataclass
@@ -72,14 +82,6 @@ class GenerationJob:
 
 
 @dataclass
-class ScoreJob:
-    input_ids: list[int]
-    images: torch.Tensor | None
-    candidates: list[list[int]]
-    result: Future = field(default_factory=Future)  # (C,) summed log-probabilities
-
-
-@dataclass
 class Row:
     job: GenerationJob
     choice: int
@@ -87,10 +89,19 @@ class Row:
 
 
 class Engine:
-    def __init__(self, model, max_batch_size: int = 16, batch_wait_s: float = 0.005):
+    def __init__(
+        self,
+        model,
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.005,
+        max_queue: int = 64,
+        score_positions: int = 512,
+    ):
         self.model = model
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.max_queue = max_queue  # requests waiting for a batch row (or their turn to be scored)
+        self.score_positions = score_positions  # padded candidate tokens per scoring forward
         self.device = next(model.parameters()).device
         self.dtype = next(model.perceiver.parameters()).dtype
         self.stop_token_ids = set(model.stop_token_ids())
@@ -100,52 +111,98 @@ class Engine:
         self._last_logits = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
         self._queue: queue.Queue = queue.Queue()
         self._waiting: collections.deque = collections.deque()
+        self._scoring: collections.deque[ScoreTask] = collections.deque()
         self._batches = {True: Batch(), False: Batch()}  # with images, without
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet admitted to a batch or to scoring
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="openflamingo-engine", daemon=True)
+        self.beat = time.monotonic()  # when the engine thread last went round its loop
         # Forwards run (for tests and the benchmark: batching means fewer of both).
         self.steps = 0  # decode steps
         self.prefills = 0  # prefill forwards
+        self.score_steps = 0  # scoring forwards
         self._busy = False  # work since the engine was last idle
 
     # ----- called from other threads ---------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30) -> None:
+        """Stop taking work; what is still running or waiting fails with Failed(shutdown=True)."""
         self._stopping.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout_s)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    def stalled_for(self) -> float:
+        """Seconds since the engine thread last went round its loop (it does at least every 0.1 s when idle)."""
+        return time.monotonic() - self.beat
+
+    @property
+    def rows(self) -> int:
+        """Answers being decoded now."""
+        return sum(len(b) for b in self._batches.values())
+
+    @property
+    def queued(self) -> int:
+        return self._queued
 
     def submit(self, job: GenerationJob | ScoreJob) -> None:
+        """Queue `job`; raises EngineStopped once the engine stops (or died), QueueFull at --max-queue waiting."""
+        with self._lock:
+            if self._stopping.is_set():
+                raise EngineStopped
+            if self._queued >= self.max_queue:
+                raise QueueFull
+            self._queued += 1
         self._queue.put(job)
 
     # ----- the engine thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._stopping.is_set():
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    self.beat = time.monotonic()
+                    try:
+                        self._collect()
+                        self._admit()
+                        self._score_step()
+                        for batch in self._batches.values():
+                            self._drop_cancelled(batch)
+                            if batch.rows:
+                                self._step(batch)
+                    except Exception as error:  # a bug must not leave every later request waiting forever
+                        log.exception("engine step failed")
+                        self._fail_running(Failed(f"{type(error).__name__}: {error}"))
+        finally:
+            with self._lock:
+                self._stopping.set()  # submit() refuses from now on
+            self._fail_running(Failed("the server stopped", shutdown=True))
+            while True:
                 try:
-                    self._collect()
-                    self._admit()
-                    for batch in self._batches.values():
-                        if batch.rows:
-                            self._step(batch)
-                except Exception as error:  # a bug must not leave every later request waiting forever
-                    traceback.print_exc()
-                    for batch in self._batches.values():
-                        for row in batch.rows:
-                            row.job.emit(Failed(f"{type(error).__name__}: {error}"))
-                        batch.keep([])
+                    self._waiting.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for job in self._waiting:
+                _fail(job, Failed("the server stopped", shutdown=True))
+            self._waiting.clear()
 
-    def _running(self) -> int:
-        return sum(len(b) for b in self._batches.values())
+    def _fail_running(self, failure: Failed) -> None:
+        for batch in self._batches.values():
+            for job in {id(row.job): row.job for row in batch.rows}.values():
+                _fail(job, failure)
+            batch.keep([])
+        for task in self._scoring:
+            _fail(task.job, failure)
+        self._scoring.clear()
 
     def _collect(self) -> None:
         """Move arrivals to the waiting line; block (briefly, to notice stop()) only when there is nothing to do."""
-        if not self._running() and not self._waiting:
+        if not self.rows and not self._waiting and not self._scoring:
             if self._busy:
                 self._busy = False
                 release_memory()
@@ -166,28 +223,37 @@ class Engine:
             except queue.Empty:
                 return
 
+    def _leave_line(self) -> GenerationJob | ScoreJob:
+        with self._lock:
+            self._queued -= 1
+        return self._waiting.popleft()
+
     def _admit(self) -> None:
         """Prefill the waiting requests that fit, those with images as one left-padded batch and those without as
         another. First come, first served: a request that does not fit yet blocks later ones (no starvation of a
-        large n); scoring requests run as they come."""
-        admitted, rows = [], self._running()
+        large n); scoring requests start as they come and then run a step per engine iteration."""
+        admitted, rows = [], self.rows
         while self._waiting:
             job = self._waiting[0]
-            if isinstance(job, ScoreJob):
-                self._waiting.popleft()
-                self._score(job)
-                continue
             if job.cancelled.is_set():
-                self._waiting.popleft()
-                continue
-            if len(job.sampling) > self.max_batch_size:
-                self._waiting.popleft()
-                job.emit(Failed(f"n={len(job.sampling)} exceeds the batch size {self.max_batch_size}"))
-                continue
-            if rows + len(job.sampling) > self.max_batch_size:
+                self._leave_line()
+            elif isinstance(job, ScoreJob):
+                self._leave_line()
+                # From here on the handler's cancellation (client gone, deadline) cannot race with the result.
+                if job.result.set_running_or_notify_cancel():
+                    self._scoring.append(
+                        ScoreTask(self.model, job, self.device, self.dtype, self.score_positions)
+                    )
+            elif len(job.sampling) > self.max_batch_size:
+                _fail(
+                    self._leave_line(),
+                    Failed(f"n={len(job.sampling)} exceeds the batch size {self.max_batch_size}"),
+                )
+            elif rows + len(job.sampling) > self.max_batch_size:
                 break
-            admitted.append(self._waiting.popleft())
-            rows += len(job.sampling)
+            else:
+                admitted.append(self._leave_line())
+                rows += len(job.sampling)
         for with_images in (True, False):
             jobs = [job for job in admitted if (job.images is not None) == with_images]
             if not jobs:
@@ -195,9 +261,32 @@ class Engine:
             try:
                 self._prefill(jobs, with_images)
             except Exception as error:  # a failing prefill must not stop the running requests
-                traceback.print_exc()
+                log.exception("prefill failed")
                 for job in jobs:
-                    job.emit(Failed(f"{type(error).__name__}: {error}"))
+                    _fail(job, Failed(f"{type(error).__name__}: {error}"))
+
+    def _score_step(self) -> None:
+        """One forward of the oldest scoring request (then it goes to the back of the line)."""
+        if not self._scoring:
+            return
+        task = self._scoring.popleft()
+        if task.job.cancelled.is_set():
+            return
+        try:
+            done = task.step()
+        except Exception as error:  # the scoring request fails, the server goes on
+            log.exception("scoring failed")
+            _fail(task.job, Failed(f"{type(error).__name__}: {error}"))
+            return
+        self.score_steps += 1
+        if not done:
+            self._scoring.append(task)
+
+    def _drop_cancelled(self, batch: Batch) -> None:
+        """Rows of requests that were cancelled (client gone, deadline passed) leave before the next step."""
+        kept = [i for i, row in enumerate(batch.rows) if not row.job.cancelled.is_set()]
+        if len(kept) < len(batch):
+            batch.keep(kept)
 
     def _prefill(self, jobs: list[GenerationJob], with_images: bool) -> None:
         """The prompts of `jobs` in one forward (left-padded), their first tokens, and their rows joining the batch."""
@@ -235,7 +324,6 @@ class Engine:
         ]
         logits = out.logits[:, -1].repeat_interleave(torch.tensor(answers, device=out.logits.device), dim=0)
         firsts = next_tokens(logits, [row.job.sampling[row.choice] for row in part.rows])
-        part.next_tokens = torch.tensor(firsts, device=self.device)
         kept = self._advance(part, firsts)
         part.keep(kept)
         if kept:
@@ -264,23 +352,29 @@ class Engine:
                     media.keys_values.update(batch.media_kv)
                     logits = lm(**kwargs).logits[:, -1]
         except Exception as error:
-            traceback.print_exc()
-            for row in batch.rows:
-                row.job.emit(Failed(f"{type(error).__name__}: {error}"))
-            batch.keep([])
+            log.exception("decode step failed")
+            self._fail_batch(batch, Failed(f"{type(error).__name__}: {error}"))
             return
         self.steps += 1
         batch.positions = batch.positions + 1
         tokens = next_tokens(logits, [row.job.sampling[row.choice] for row in batch.rows])
-        batch.next_tokens = torch.tensor(tokens, device=self.device)
         kept = self._advance(batch, tokens)
         if len(kept) < len(batch):
             batch.keep(kept)
 
-    def _advance(self, batch: Batch, tokens: list[int]) -> list[int]:
-        """Hand each row's new token to its answer; returns the rows that continue."""
+    def _fail_batch(self, batch: Batch, failure: Failed) -> None:
+        for row in batch.rows:
+            _fail(row.job, failure)
+        batch.keep([])
+
+    def _advance(self, batch: Batch, tokens: list[int | None]) -> list[int]:
+        """Hand each row's new token to its answer (a row whose sampling failed fails its request alone); records
+        the tokens the rows feed next and returns the rows that continue."""
+        batch.next_tokens = torch.tensor([t or 0 for t in tokens], device=self.device)
         kept = []
         for i, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)):
+            if token is None:
+                _fail(row.job, Failed("sampling failed"))
             if row.job.cancelled.is_set():
                 continue
             delta = row.completion.add(token)
@@ -293,14 +387,13 @@ class Engine:
                 kept.append(i)
         return kept
 
-    def _score(self, job: ScoreJob) -> None:
-        try:
-            ids = torch.tensor([job.input_ids], device=self.device)
-            images = None if job.images is None else job.images.to(self.device, self.dtype)
-            scores = rank_classes_from_tensors(
-                self.model, ids, torch.ones_like(ids), images, job.candidates, length_normalize=False
-            )
-            job.result.set_result(scores[0].tolist())
-        except Exception as error:  # the scoring request fails, the server goes on
-            traceback.print_exc()
-            job.result.set_exception(error)
+
+def _fail(job: GenerationJob | ScoreJob, failure: Failed) -> None:
+    """Tell the request's handler (once) and stop its work; the detail goes to the server log."""
+    if job.cancelled.is_set():
+        return
+    job.cancelled.set()
+    if not isinstance(job, ScoreJob):
+        job.emit(failure)
+    elif not job.result.done():
+        job.result.set_exception(EngineStopped() if failure.shutdown else RuntimeError(failure.message))

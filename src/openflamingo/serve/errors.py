@@ -13,6 +13,7 @@ class ApiError(Exception):
         status: int = 400,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.message = message
@@ -20,6 +21,7 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.kind = kind
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}

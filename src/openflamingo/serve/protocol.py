@@ -8,7 +8,6 @@ fields we accept but do not implement are refused unless they hold their no-op v
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,17 +30,24 @@ NO_OP_FIELDS: dict[str, tuple] = {
 # Bookkeeping that does not change the answer: accepted and ignored.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
 MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_JSON_DEPTH = 32  # our schema nests 5 deep
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit integer, as OpenAI's
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What this server accepts, from its command line."""
+    """What this server accepts, from its command line (and the text budget from the model's context)."""
 
     model_name: str
     max_images: int = 8
     max_tokens: int = 512  # upper bound of a request's max_tokens
     max_n: int = 8
     max_candidates: int = 10_000
+    max_score_tokens: int = 8192  # candidate tokens of one /v1/score request, all candidates together
+    max_stop_chars: int = 256  # per stop sequence
+    # Characters of text in one request: more than the context could hold even if every token were the longest
+    # token of the vocabulary; refused before tokenizing. None: no bound (a model without a stated context).
+    max_text_chars: int | None = None
 
 
 @dataclass
@@ -72,13 +78,55 @@ class ScoreRequest:
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object whose strings are all valid Unicode, nested at most MAX_JSON_DEPTH deep."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as error:
         raise ApiError(f"malformed JSON in the request body: {error}", code="invalid_json") from None
+    except UnicodeDecodeError:
+        raise ApiError("the request body is not UTF-8 text", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(
+            f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+        ) from None
+    except ValueError as error:  # an integer of more digits than Python converts, NaN / Infinity
+        raise ApiError(f"malformed JSON in the request body: {error.args[0]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(f"the request body must be a JSON object, got {_json_type(data)}")
+    _check_tree(data)
     return data
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_tree(data: dict) -> None:
+    """Refuse nesting past MAX_JSON_DEPTH and strings (keys too) that are not valid Unicode: JSON's \\ud800 escapes
+    decode to lone surrogates, which no tokenizer or response encoder takes."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_unicode(key, f"{where}.(a key)" if where else "(a key)")
+                stack.append((item, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_unicode(value, where)
+
+
+def _check_unicode(text: str, where: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        where = where.encode("utf-8", "backslashreplace").decode()
+        raise ApiError(f"{where}: invalid Unicode (a lone surrogate)", where, code="invalid_text") from None
 
 
 def parse_chat_request(data: dict[str, Any], limits: Limits) -> ChatRequest:
@@ -101,13 +149,16 @@ def parse_chat_request(data: dict[str, Any], limits: Limits) -> ChatRequest:
         _check_fields(options, {"include_usage"}, prefix="stream_options.")
         include_usage = _typed(options, "include_usage", bool, False, prefix="stream_options.")
     seed = _typed(data, "seed", int, None)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError("seed: out of range; expected a 64-bit integer", "seed", code="invalid_value")
+    conversation_chars(conversation, limits)
     return ChatRequest(
         conversation=conversation,
         max_tokens=max_tokens,
         temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(data, "top_p", 1.0, 0.0, 1.0),
         n=_integer(data, "n", 1, 1, limits.max_n, "--max-batch-size"),
-        stop=_stop(data.get("stop")),
+        stop=_stop(data.get("stop"), limits),
         seed=seed,
         stream=stream,
         include_usage=include_usage,
@@ -135,7 +186,20 @@ def parse_score_request(data: dict[str, Any], limits: Limits) -> ScoreRequest:
         if not isinstance(candidate, str) or not candidate.strip():
             raise ApiError(f"{where}: expected a non-empty string, got {_json_type(candidate)}", where)
         _check_text(candidate, where)
+    conversation_chars(conversation, limits, extra=sum(len(c) for c in candidates))
     return ScoreRequest(conversation, candidates)
+
+
+def conversation_chars(conversation: Conversation, limits: Limits, extra: int = 0) -> None:
+    """Refuse text that cannot fit the context before any of it is tokenized."""
+    chars = extra + sum(len(m.text) for m in conversation.messages)
+    if limits.max_text_chars is not None and chars > limits.max_text_chars:
+        raise ApiError(
+            f"messages: {chars} characters of text cannot fit this model's context (at most "
+            f"{limits.max_text_chars} characters)",
+            "messages",
+            code="context_length_exceeded",
+        )
 
 
 def parse_messages(messages: Any, limits: Limits) -> Conversation:
@@ -147,10 +211,12 @@ def parse_messages(messages: Any, limits: Limits) -> Conversation:
         if not isinstance(message, dict):
             raise ApiError(f"{where}: expected an object, got {_json_type(message)}", where)
         _check_fields(message, {"role", "content", "name"}, prefix=f"{where}.")
+        _typed(message, "name", str, None, prefix=f"{where}.")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(
-                f"{where}.role: {role!r} is not supported; use one of {', '.join(ROLES)}", f"{where}.role"
+                f"{where}.role: {_json_type(role)} is not supported; use one of {', '.join(ROLES)}",
+                f"{where}.role",
             )
         text = _content(message.get("content"), ROLES[role], f"{where}.content", urls, limits)
         out.append(Message(ROLES[role], text))
@@ -260,10 +326,12 @@ def _number(data: dict, key: str, default: float, low: float, high: float) -> fl
     value = data.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(f"{key}: expected a number, got {_json_type(value)}", key, code="invalid_type")
-    if not low <= value <= high:
-        raise ApiError(f"{key}: {value} is out of range; expected {low} to {high}", key, code="invalid_value")
+    if not low <= value <= high:  # compared exactly: an integer too large for a float is out of range too
+        raise ApiError(
+            f"{key}: {_json_type(value)} is out of range; expected {low} to {high}", key, code="invalid_value"
+        )
     return float(value)
 
 
@@ -271,14 +339,14 @@ def _integer(data: dict, key: str, default: int | None, low: int, high: int, fla
     value = _typed(data, key, int, default)
     if value is not None and not low <= value <= high:
         raise ApiError(
-            f"{key}: {value} is out of range; this server accepts {low} to {high} ({flag})",
+            f"{key}: {_json_type(value)} is out of range; this server accepts {low} to {high} ({flag})",
             key,
             code="invalid_value",
         )
     return value
 
 
-def _stop(stop: Any) -> list[str]:
+def _stop(stop: Any, limits: Limits) -> list[str]:
     if stop is None:
         return []
     sequences = [stop] if isinstance(stop, str) else stop
@@ -286,6 +354,14 @@ def _stop(stop: Any) -> list[str]:
         raise ApiError(f"stop: expected a non-empty string or a list of them, got {_json_type(stop)}", "stop")
     if len(sequences) > MAX_STOP_SEQUENCES:
         raise ApiError(f"stop: {len(sequences)} sequences, at most {MAX_STOP_SEQUENCES} are allowed", "stop")
+    for sequence in sequences:
+        if len(sequence) > limits.max_stop_chars:
+            raise ApiError(
+                f"stop: a sequence of {len(sequence)} characters, over this server's limit of "
+                f"{limits.max_stop_chars} (--max-stop-chars)",
+                "stop",
+                code="invalid_value",
+            )
     return sequences
 
 
@@ -297,6 +373,8 @@ def _json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, int) and abs(value) >= 10**20:
+        return f"a number of {len(str(abs(value)))} digits"
     if isinstance(value, (int, float)):
         return f"the number {value}"
     if isinstance(value, str):

@@ -2,14 +2,19 @@
 
 Each answer owns a `torch.Generator` seeded from the request's `seed` and the answer's index, and samples on the
 CPU from float32 probabilities: its draws do not depend on which other requests share the batch or on the device.
+A temperature below GREEDY_BELOW is greedy (as vLLM does): dividing by it would overflow the logits.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 
 import torch
+
+GREEDY_BELOW = 1e-5
+log = logging.getLogger("openflamingo.serve")
 
 
 @dataclass
@@ -20,7 +25,7 @@ class Sampling:
 
     @classmethod
     def for_choice(cls, temperature: float, top_p: float, seed: int | None, index: int) -> Sampling:
-        if temperature == 0:
+        if temperature < GREEDY_BELOW:
             return cls(0.0, top_p)
         base = secrets.randbits(62) if seed is None else seed
         # A fixed seed gives answer `index` the same stream every time; different answers get different streams.
@@ -28,15 +33,22 @@ class Sampling:
         return cls(temperature, top_p, generator)
 
 
-def next_tokens(logits: torch.Tensor, rows: list[Sampling]) -> list[int]:
-    """logits (B, V) of the last position -> one token id per row."""
+def next_tokens(logits: torch.Tensor, rows: list[Sampling]) -> list[int | None]:
+    """logits (B, V) of the last position -> one token id per row; None for a row whose sampling failed (its
+    request fails alone, the other rows go on)."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows, as HF generate picks them
+    tokens: list[int | None] = logits.argmax(dim=-1).tolist()  # greedy rows, as HF generate picks them
     sampled = [i for i, row in enumerate(rows) if row.temperature > 0]
     if sampled:
         host = logits[sampled].cpu()
         for j, i in enumerate(sampled):
-            tokens[i] = _sample(host[j], rows[i])
+            try:
+                tokens[i] = _sample(host[j], rows[i])
+            except RuntimeError:  # e.g. non-finite probabilities
+                log.exception(
+                    "sampling failed (temperature %s, top_p %s)", rows[i].temperature, rows[i].top_p
+                )
+                tokens[i] = None
     return tokens
 
 
