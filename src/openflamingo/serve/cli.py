@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from pathlib import Path
 
 log = logging.getLogger("openflamingo.serve")
@@ -233,4 +234,12 @@ def serve(
     )
     app = create_app(model, engine, settings, announce)
     config = server_config(app, host, port, settings.read_timeout_s, max_connections, shutdown_grace_s)
-    uvicorn.Server(config).run()
+    # Once it has drained, uvicorn raises the signal it stopped on again, for the handler it found: make that handler
+    # a no-op, so that a drained shutdown exits 0 instead of dying of SIGTERM or raising KeyboardInterrupt.
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {stop: signal.signal(stop, lambda *_: None) for stop in stops}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
