@@ -233,7 +233,9 @@ def test_the_server_still_answers_after_bad_requests(server):
 def test_http_image_urls_are_read_only_when_allowed(tmp_path):
     import functools
     import http.server
+    import ipaddress
     import threading
+    from dataclasses import replace
 
     from openflamingo.serve.errors import ApiError
     from openflamingo.serve.images import read_image
@@ -245,11 +247,13 @@ def test_http_image_urls_are_read_only_when_allowed(tmp_path):
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as web:
         threading.Thread(target=web.serve_forever, daemon=True).start()
         base = f"http://127.0.0.1:{web.server_address[1]}"
-        assert read_image(f"{base}/red.png", "part", ImagePolicy(allow_urls=True)).size == (40, 30)
+        # a loopback address is refused unless trusted: tests/test_serve_images.py
+        local = ImagePolicy(allow_urls=True, trusted_networks=(ipaddress.ip_network("127.0.0.1/32"),))
+        assert read_image(f"{base}/red.png", "part", local).size == (40, 30)
         for url, policy, code in (
             (f"{base}/red.png", ImagePolicy(), "image_url_not_allowed"),
-            (f"{base}/big.png", ImagePolicy(allow_urls=True, max_bytes=500), "image_too_large"),
-            (f"{base}/missing.png", ImagePolicy(allow_urls=True), "invalid_image"),
+            (f"{base}/big.png", replace(local, max_bytes=500), "image_too_large"),
+            (f"{base}/missing.png", local, "invalid_image"),
         ):
             with pytest.raises(ApiError) as refused:
                 read_image(url, "part", policy)

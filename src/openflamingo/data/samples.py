@@ -37,6 +37,8 @@ NO_IMAGE = "no_image"
 SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
 NO_ASSISTANT_TURN = "no_assistant_turn"
 BAD_ROLE = "bad_role"
+EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
+# Append new reasons at the end: feature caches (features.py) store a skipped image's reason as its index here.
 BAD_REASONS = (
     TRUNCATED_TAR,
     UNREADABLE_SHARD,
@@ -52,6 +54,7 @@ BAD_REASONS = (
     SPECIAL_TOKEN_IN_TEXT,
     NO_ASSISTANT_TURN,
     BAD_ROLE,
+    EXTREME_ASPECT_RATIO,
 )
 ROLES = ("system", "user", "assistant")
 

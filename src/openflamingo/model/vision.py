@@ -125,21 +125,36 @@ def normalize(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (pixels - mean_t) / std_t
 
 
+# clip_preprocess resizes before cropping (bit-exact with open_clip) up to this aspect ratio: at most 32 * 224^2
+# pixels (6 MB at 224 px, 26 MB at 448), and above the decoders' default limit (ImageLimits.max_aspect_ratio=20), so
+# every image they accept is preprocessed exactly.
+EXACT_RESIZE_MAX_ASPECT = 32
+
+
 def clip_preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """open_clip's eval transform: Resize(size, bicubic) on the shorter side, CenterCrop(size), RGB, normalise.
 
     Mirrors torchvision on PIL images step by step: the longer side is truncated with int(), the crop offset is
-    rounded with round(), and the RGB conversion comes after resizing, as in open_clip's Compose.
+    rounded with round(), and the RGB conversion comes after resizing, as in open_clip's Compose. Resizing before
+    cropping costs size * (longer side) pixels, unbounded for a thin image (a 71-byte 4000x1 PNG would take ~800 MB
+    at 224 px), so past EXACT_RESIZE_MAX_ASPECT the crop is resampled straight from the source instead. That path is
+    not bit-exact (PIL takes the box in single precision and may run its two passes in the other order, which
+    clamps differently), which is why normal images keep the exact one.
     """
     width, height = image.size
     if width <= height:
         new_width, new_height = size, int(size * height / width)
     else:
         new_width, new_height = int(size * width / height), size
-    image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
     left = int(round((new_width - size) / 2.0))
     top = int(round((new_height - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
+    if max(new_width, new_height) <= EXACT_RESIZE_MAX_ASPECT * size:
+        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        image = image.crop((left, top, left + size, top + size))
+    else:
+        x_scale, y_scale = width / new_width, height / new_height
+        box = (left * x_scale, top * y_scale, (left + size) * x_scale, (top + size) * y_scale)
+        image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
     return normalize(to_unit_tensor(image), mean, std)
 
 

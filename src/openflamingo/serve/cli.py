@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -84,7 +85,28 @@ def register(commands) -> None:
     )
     serve.add_argument("--max-images", type=int, default=8, help="images per request")
     serve.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    serve.add_argument("--allow-image-urls", action="store_true", help="fetch http(s):// image URLs")
+    serve.add_argument(
+        "--max-image-aspect-ratio",
+        type=float,
+        default=20.0,
+        help="refuse images whose longer side is more than this many times the shorter (default 20)",
+    )
+    serve.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="fetch http(s):// image URLs (publicly routable addresses only, unless --trust-image-network)",
+    )
+    serve.add_argument(
+        "--trust-image-network",
+        action="append",
+        default=[],
+        type=ipaddress.ip_network,
+        metavar="CIDR",
+        help="with --allow-image-urls, also fetch from this network, e.g. 10.0.0.0/8 (repeatable)",
+    )
+    serve.add_argument(
+        "--image-url-timeout", type=float, default=10.0, help="seconds for one image download, all of it (10)"
+    )
     serve.add_argument(
         "--allow-local-images", type=Path, metavar="DIR", help="read file:// image URLs inside DIR"
     )
@@ -131,6 +153,8 @@ def run(args: argparse.Namespace) -> None:
         "request_timeout",
         "read_timeout",
         "shutdown_grace",
+        "max_image_aspect_ratio",
+        "image_url_timeout",
     ):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -179,6 +203,11 @@ def run(args: argparse.Namespace) -> None:
             max_pixels=args.max_image_pixels,
             allow_urls=args.allow_image_urls,
             local_dir=args.allow_local_images,
+            url_timeout_s=args.image_url_timeout,
+            max_aspect_ratio=args.max_image_aspect_ratio,
+            trusted_networks=tuple(args.trust_image_network),
+            # JPEGs are decoded at the smallest DCT scale that keeps both sides >= the encoder's input
+            draft_size=model.vision_encoder.image_size,
         ),
         prompt_format=override or model.config.prompt_format,
         api_key=api_key,

@@ -22,9 +22,11 @@ class Completion:
         self.text = ""  # the answer's final text so far (leading whitespace dropped)
         self.sent = 0  # characters of `text` already handed out
         self.finish_reason: str | None = None  # "stop" | "length" once finished
-        # tokens[context:pending] are decoded only as context of the tokens from `pending` on, whose text is not final.
+        # tokens[context:pending] are decoded only as context of the tokens from `pending` on, whose text is final
+        # except for a broken character at its end; `taken` characters of that text are in `text` already.
         self._context = 0
         self._pending = 0
+        self._taken = 0
 
     @property
     def finished(self) -> bool:
@@ -51,11 +53,14 @@ class Completion:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         before = decode(self.tokens[self._context : self._pending])
         through = decode(self.tokens[self._context :])
-        if len(through) <= len(before) or (through.endswith(REPLACEMENT) and not final):
-            return
-        new = through[len(before) :]
+        new = through[len(before) + self._taken :]
+        complete = final or not new.endswith(REPLACEMENT)
+        if not complete:  # the last bytes may still become one character: hold them back
+            new = new.rstrip(REPLACEMENT)
         self.text = (self.text + new) if self.text else new.lstrip()
-        self._context, self._pending = self._pending, len(self.tokens)
+        self._taken += len(new)
+        if complete:
+            self._context, self._pending, self._taken = self._pending, len(self.tokens), 0
 
     def _stop_in_new_text(self, searched_from: int) -> int | None:
         """Where the earliest stop sequence that ends in the text added since `searched_from` starts."""

@@ -1,33 +1,59 @@
 """Images of a request, read only from where the server allows: `data:` URLs always; `http(s)://` with
-`--allow-image-urls`; `file://` inside `--allow-local-images DIR`. Size and pixel limits apply before decoding, so
-a small file that expands to a huge bitmap (a decompression bomb) is refused without being decoded."""
+`--allow-image-urls`; `file://` inside `--allow-local-images DIR`. Size, pixel and aspect-ratio limits apply before
+decoding (data/images.py, shared with the shard loader), so a small file that expands to a huge bitmap (a
+decompression bomb) is refused without being decoded.
+
+An image URL is fetched as a server-side request a client chooses, so it may only reach publicly routable
+addresses (or networks the operator trusts), every redirect is checked again, and the whole download has one
+deadline."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
+import ipaddress
+import logging
+import os
 import re
-import urllib.error
+import socket
+import ssl
+import stat
+import time
 import urllib.parse
-import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from ..data import images as data_images
+from ..data.samples import IMAGE_TOO_LARGE, BadSample
 from .errors import ApiError
 
+log = logging.getLogger("openflamingo.serve")
+
 DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 3
+HEADERS = {"User-Agent": "openflamingo", "Accept": "image/*", "Connection": "close"}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
 class ImagePolicy:
     max_bytes: int = 20 * 1024 * 1024  # OpenAI's own limit per image
     max_pixels: int = 40_000_000  # e.g. 8000 x 5000; PIL's bomb warning starts at ~89M
+    max_aspect_ratio: float = data_images.ImageLimits.max_aspect_ratio
+    # JPEGs are decoded at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_size. At the vision encoder's
+    # input size its preprocess still only shrinks (EfficientNet's centre 7/8 crop aside). None: full size.
+    draft_size: int | None = None
     allow_urls: bool = False
+    # Networks an image URL may reach besides publicly routable addresses (e.g. an intranet image store).
+    trusted_networks: tuple[Network, ...] = ()
     local_dir: Path | None = None
+    # For the whole download, redirects included; resolving a host name is bounded by the system resolver's timeout.
     url_timeout_s: float = 10.0
 
 
@@ -48,28 +74,17 @@ def read_image(url: str, where: str, policy: ImagePolicy) -> Image.Image:
 
 
 def decode_image(data: bytes, where: str, policy: ImagePolicy) -> Image.Image:
+    limits = data_images.ImageLimits(
+        max_bytes=policy.max_bytes,
+        max_pixels=policy.max_pixels,
+        max_aspect_ratio=policy.max_aspect_ratio,
+        draft_size=policy.draft_size,
+    )
     try:
-        with warnings.catch_warnings():
-            # We apply our own (lower) pixel limit below; PIL still raises DecompressionBombError far above it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > policy.max_pixels:
-            raise ApiError(
-                f"{where}: image is {width}x{height} = {width * height} pixels, over this server's limit of "
-                f"{policy.max_pixels}",
-                where,
-                code="image_too_large",
-            )
-        image.load()  # decodes now: a truncated or corrupt file fails here, not later inside the model thread
-        return image.convert("RGB")
-    except Image.DecompressionBombError as error:
-        raise ApiError(
-            f"{where}: image refused as a decompression bomb ({error})", where, code="image_too_large"
-        ) from None
-    except (OSError, ValueError, SyntaxError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ApiError(f"{where}: not a readable image ({message})", where, code="invalid_image") from None
+        return data_images.decode_image(data, where, limits)
+    except BadSample as error:
+        code = "image_too_large" if error.reason == IMAGE_TOO_LARGE else "invalid_image"
+        raise ApiError(error.detail, where, code=code) from None
 
 
 def _data_url_bytes(url: str, where: str, policy: ImagePolicy) -> bytes:
@@ -94,6 +109,16 @@ def _data_url_bytes(url: str, where: str, policy: ImagePolicy) -> bytes:
         raise ApiError(f"{where}: data URL is not valid base64", where, code="invalid_image") from None
 
 
+class _Refused(Exception):
+    """A URL the policy does not allow: its address, its scheme, or one redirect too many."""
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.size = size
+
+
 def _fetch(url: str, where: str, policy: ImagePolicy) -> bytes:
     if not policy.allow_urls:
         raise ApiError(
@@ -102,14 +127,117 @@ def _fetch(url: str, where: str, policy: ImagePolicy) -> bytes:
             where,
             code="image_url_not_allowed",
         )
+    # One message for every failure, details in the log only: a client that could tell "address not allowed" from
+    # "connection refused" or "timed out" could map the networks the server sees.
+    refused = ApiError(f"{where}: cannot fetch image URL", where, code="invalid_image")
     try:
-        with urllib.request.urlopen(url, timeout=policy.url_timeout_s) as response:
+        return _download(url, policy)
+    except _TooLarge as error:
+        raise _too_many_bytes(error.size, where, policy) from None
+    except _Refused as error:
+        log.warning("%s: image URL %s refused: %s", where, url, error)
+        raise refused from None
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        log.info("%s: cannot fetch image URL %s: %s: %s", where, url, type(error).__name__, error)
+        raise refused from None
+
+
+def _download(url: str, policy: ImagePolicy) -> bytes:
+    deadline = time.monotonic() + policy.url_timeout_s
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        with _connect(parts, policy.trusted_networks, deadline) as sock:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port)  # never connects: sock is set
+            connection.sock = _DeadlineSocket(sock, deadline)
+            path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+            host = parts.netloc.rpartition("@")[2]  # credentials in the URL are not sent
+            connection.request("GET", path, headers=HEADERS | {"Host": host})
+            response = connection.getresponse()
+            if response.status in REDIRECTS and response.getheader("Location"):
+                url = urllib.parse.urljoin(url, response.getheader("Location"))
+                continue
+            if response.status != 200:
+                raise http.client.HTTPException(f"HTTP status {response.status}")
+            length = response.getheader("Content-Length", "")
+            if length.isdigit() and int(length) > policy.max_bytes:
+                raise _TooLarge(int(length))
             data = response.read(policy.max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        raise ApiError(f"{where}: cannot fetch image URL ({error})", where, code="invalid_image") from None
-    if len(data) > policy.max_bytes:
-        raise _too_many_bytes(len(data), where, policy)
-    return data
+            if len(data) > policy.max_bytes:
+                raise _TooLarge(len(data))
+            return data
+    raise _Refused(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _connect(parts: urllib.parse.SplitResult, trusted: tuple[Network, ...], deadline: float) -> socket.socket:
+    """A socket connected (with TLS for https) to an allowed address of the URL's host."""
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Refused(f"{parts.scheme}:// is not http(s) or has no host")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    resolved = [info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)]
+    allowed = [address for address in resolved if _allowed(ipaddress.ip_address(address), trusted)]
+    if not allowed:
+        raise _Refused(f"{parts.hostname} is at {', '.join(resolved)}: not publicly routable nor trusted")
+    # Connected to the address just checked, never to the name: resolving it again could give another one.
+    sock = socket.create_connection((allowed[0], port), timeout=_seconds_left(deadline))
+    if parts.scheme == "http":
+        return sock
+    try:
+        sock.settimeout(_seconds_left(deadline))  # the handshake, all its reads together
+        return ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, trusted: tuple[Network, ...]) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if any(address in network for network in trusted):
+        return True
+    # 6to4 (2002::/16) carries an IPv4 address a host with a 6to4 tunnel would send to; reserved covers ::/8,
+    # where IPv4-compatible (::127.0.0.1) and NAT64 (64:ff9b::/96) addresses live.
+    embedded = address.sixtofour if isinstance(address, ipaddress.IPv6Address) else None
+    return all(
+        a.is_global and not a.is_multicast and not a.is_reserved for a in (address, embedded) if a is not None
+    )
+
+
+def _seconds_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the image URL's deadline passed")
+    return left
+
+
+class _DeadlineSocket(io.RawIOBase):
+    """A connected socket as http.client uses it (sendall, makefile), each operation given only the time left
+    before the download's deadline: a plain timeout restarts with every byte, so a server dripping one byte a
+    second would hold a worker forever.
+
+    close() leaves the socket open: http.client closes a connection's socket while its response still reads from
+    it (a real socket counts its makefile readers), and the socket's owner closes it."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(_seconds_left(self.deadline))
+        self.sock.sendall(data)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.sock.settimeout(_seconds_left(self.deadline))
+        return self.sock.recv_into(buffer)
+
+    def close(self) -> None:
+        pass
 
 
 def _local_file(url: str, where: str, policy: ImagePolicy) -> bytes:
@@ -129,13 +257,21 @@ def _local_file(url: str, where: str, policy: ImagePolicy) -> bytes:
             f"{where}: {url} is outside the allowed image directory", where, code="image_url_not_allowed"
         )
     try:
-        if path.stat().st_size > policy.max_bytes:
-            raise _too_many_bytes(path.stat().st_size, where, policy)
-        return path.read_bytes()
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, holding a worker forever.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):  # a FIFO, socket or device: never read
+                raise ApiError(f"{where}: {url} is not a regular file", where, code="invalid_image")
+            if info.st_size > policy.max_bytes:
+                raise _too_many_bytes(info.st_size, where, policy)
+            data = file.read(policy.max_bytes + 1)  # the file may have grown since fstat
     except OSError as error:
         raise ApiError(
             f"{where}: cannot read {url} ({error.strerror})", where, code="invalid_image"
         ) from None
+    if len(data) > policy.max_bytes:
+        raise _too_many_bytes(len(data), where, policy)
+    return data
 
 
 def _too_many_bytes(size: int, where: str, policy: ImagePolicy) -> ApiError:
