@@ -186,3 +186,18 @@ def test_stop_sequences_end_the_answer_and_are_never_streamed():
     assert "".join(streamed) == "the cat sat. "
     assert completion.finish_reason == "stop"
     assert "E" not in "".join(streamed[:-1])  # the held-back "E" was never sent before the stop was certain
+
+
+def test_broken_characters_are_held_back_only_while_they_may_still_complete(tokenizer_dir):
+    """A multi-byte character split over tokens streams once whole; bytes that can never be a character stream as
+    they come (a random model makes many), instead of holding back the rest of the answer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    euro = tokenizer("€", add_special_tokens=False)["input_ids"]  # three byte tokens
+    # The byte-level BPE's symbols of the bytes 0x80 and 0x81 (GPT-2's byte-to-unicode table): lone continuation bytes.
+    invalid = tokenizer.convert_tokens_to_ids([chr(290), chr(291)])
+    completion = Completion(tokenizer, [], stop_token_ids=set(), max_tokens=100)
+    assert len(euro) == 3 and [completion.add(t) for t in euro] == ["", "", "€"]
+    streamed = [completion.add(t) for t in invalid + tokenizer("ok", add_special_tokens=False)["input_ids"]]
+    assert streamed[0] == "" and streamed[1] == "\ufffd" and "".join(streamed) == "\ufffd\ufffdok"

@@ -129,9 +129,29 @@ def test_health_reports_a_stalled_or_stopped_engine(model):
         engine.stop()
         assert httpx.get(f"{url}/health", timeout=10).status_code == 503
         refused = httpx.post(f"{url}/v1/chat/completions", json=ask(), timeout=60)
-        assert (
-            refused.status_code == 503 and refused.json()["error"]["message"] == "the server is shutting down"
-        )
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+
+
+def test_when_the_engine_thread_dies_waiting_and_new_requests_get_a_503(model, monkeypatch):
+    with running_server(model, settings(model)) as (url, engine):
+        answers = []
+        with engine_held(engine, model):
+            waiting = threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(f"{url}/v1/chat/completions", json=ask(), timeout=60)
+                )
+            )
+            waiting.start()
+            wait_until(lambda: engine.queued == 1)
+
+            def die() -> None:
+                raise SystemExit  # not an Exception: the engine loop's own handler does not catch it
+
+            monkeypatch.setattr(engine, "_collect", die)
+        waiting.join(60)
+        assert answers[0].status_code == 503 and answers[0].json()["error"]["code"] == "unavailable"
+        assert not engine.alive and httpx.get(f"{url}/health", timeout=10).status_code == 503
+        assert httpx.post(f"{url}/v1/chat/completions", json=ask(), timeout=60).status_code == 503
 
 
 # ----- cancellation -----------------------------------------------------------------------------------------------

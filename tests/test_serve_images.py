@@ -117,10 +117,15 @@ def test_request_images_are_decoded_with_the_policy_limits():
     assert read_image(jpeg, "part", ImagePolicy()).size == (1000, 800)
     assert read_image(jpeg, "part", ImagePolicy(draft_size=224)).size == (500, 400)  # 1/4: 200 < 224
     thin = refused(data_url(png((400, 10))), ImagePolicy())
-    assert thin.code == "invalid_image" and thin.message.startswith("part: image is 400x10")
+    assert thin.code == "image_aspect_ratio" and thin.message.startswith("part: image is 400x10")
+    assert thin.message.endswith("(--max-image-aspect-ratio)")
     assert read_image(data_url(png((400, 10))), "part", ImagePolicy(max_aspect_ratio=40)).size == (400, 10)
     huge = refused(data_url(png((100, 101))), ImagePolicy(max_pixels=10_000))
-    assert huge.code == "image_too_large" and "10100 pixels" in huge.message
+    assert (
+        huge.code == "image_too_large"
+        and "10100 pixels" in huge.message
+        and "--max-image-pixels" in huge.message
+    )
 
 
 def test_loopback_is_refused_unless_trusted(caplog):

@@ -4,6 +4,7 @@ their batch rows. Each class is checked with a good request sent alongside, answ
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -11,8 +12,10 @@ import time
 import httpx
 import pytest
 import torch
+from PIL import Image
 from serving import (
     MODEL,
+    data_url,
     image_part,
     one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
     running_server,
@@ -191,6 +194,42 @@ def test_a_large_score_request_runs_in_steps_between_decode_steps(model):
     assert scores == pytest.approx(expected[0].tolist(), abs=1e-4)
 
 
+def image_bytes(size, format="PNG", frames: int = 1) -> bytes:
+    buffer = io.BytesIO()
+    first, *rest = [Image.new("RGB", size, (i % 256, 40, 90)) for i in range(frames)]
+    first.save(buffer, format=format, save_all=frames > 1, append_images=rest)
+    return buffer.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+COSTLY_IMAGES = {  # name: (bytes, status, code); all sent as data:image/png URLs
+    "4000x1 PNG": (lambda: image_bytes((4000, 1)), 400, "image_aspect_ratio"),
+    "EPS file": (lambda: EPS, 400, "invalid_image"),
+    "GIF of 1,000 frames": (lambda: image_bytes((64, 64), "GIF", frames=1000), 200, None),
+    "6000x6000 PNG": (lambda: image_bytes((6000, 6000)), 200, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COSTLY_IMAGES))
+def test_costly_images_are_refused_or_cheap_and_others_are_answered_meanwhile(server, name, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    url, engine = server
+    data, status, code = COSTLY_IMAGES[name]
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1))
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(data())}},
+        {"type": "text", "text": "what?"},
+    ]
+    started = time.monotonic()
+    answer = with_good_request(url, engine, lambda: post(url, ask([{"role": "user", "content": content}])))
+    assert answer.status_code == status, answer.text
+    if code is not None:
+        assert_refused(answer, code=code, param="messages[0].content[0].image_url")
+    assert time.monotonic() - started < 20 and not opened  # the Ghostscript plugin never saw the EPS
+
+
 # ----- 2. every malformed input is a 4xx -----------------------------------------------------------------------
 MALFORMED = {  # name: (raw body, param)
     "deep array": ('{"model": "tiny-flamingo", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}", None),
@@ -214,9 +253,9 @@ MALFORMED = {  # name: (raw body, param)
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_malformed_input_is_a_400_never_a_500(server, name):
-    url, _ = server
+    url, engine = server
     body, param = MALFORMED[name]
-    error = assert_refused(post(url, body))
+    error = assert_refused(with_good_request(url, engine, lambda: post(url, body)))
     if param is not None:
         assert error["param"] == param, error
     assert "Error" not in error["message"] and "Traceback" not in error["message"]

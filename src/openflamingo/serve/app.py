@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -23,6 +24,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -32,8 +35,8 @@ from ..model.prompt_format import PromptFormat
 from .engine import Delta, Engine, EngineStopped, Failed, Finished, GenerationJob, QueueFull
 from .errors import ApiError
 from .images import ImagePolicy
-from .prepare import answer_budget, candidate_ids, context_length, prepare_prompt, text_budget
-from .protocol import Limits, parse_chat_request, parse_json, parse_score_request
+from .prepare import Prompt, answer_budget, candidate_ids, context_length, prepare_prompt, text_budget
+from .protocol import Conversation, Limits, parse_chat_request, parse_json, parse_score_request
 from .sampling import Sampling
 from .scoring import ScoreJob
 
@@ -89,6 +92,15 @@ def create_app(model, engine: Engine, settings: Settings, announce: str | None =
     }
     created = int(time.time())
     limits = replace(settings.limits, max_text_chars=text_budget(model))
+    # Preparing a request decodes its images: one request per core at a time, so that many large images sent at
+    # once cost time in line, not memory.
+    preparing = anyio.CapacityLimiter(os.cpu_count() or 1)
+
+    async def prepare(conversation: Conversation) -> Prompt:
+        return await anyio.to_thread.run_sync(
+            prepare_prompt, model, settings.prompt_format, conversation, settings.images, limiter=preparing
+        )
+
     context = context_length(model)
 
     @app.exception_handler(ApiError)
@@ -136,9 +148,7 @@ def create_app(model, engine: Engine, settings: Settings, announce: str | None =
         deadline = time.monotonic() + settings.request_timeout_s
         authorize(request, settings)
         chat = parse_chat_request(parse_json(await read_body(request, settings)), limits)
-        prompt = await run_in_threadpool(
-            prepare_prompt, model, settings.prompt_format, chat.conversation, settings.images
-        )
+        prompt = await prepare(chat.conversation)
         max_tokens = answer_budget(prompt, chat.max_tokens, model, limits.max_tokens)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -188,9 +198,7 @@ def create_app(model, engine: Engine, settings: Settings, announce: str | None =
         deadline = time.monotonic() + settings.request_timeout_s
         authorize(request, settings)
         scoring = parse_score_request(parse_json(await read_body(request, settings)), limits)
-        prompt = await run_in_threadpool(
-            prepare_prompt, model, settings.prompt_format, scoring.conversation, settings.images
-        )
+        prompt = await prepare(scoring.conversation)
         ids = await run_in_threadpool(candidate_ids, model, settings.prompt_format, scoring.candidates)
         check_candidates(ids, len(prompt.input_ids), context, limits)
         job = ScoreJob(prompt.input_ids, prompt.images, ids)
@@ -316,7 +324,12 @@ def submit(engine: Engine, job, settings: Settings) -> None:
 
 
 def shutting_down() -> ApiError:
-    return ApiError("the server is shutting down", status=503, code="unavailable", kind="server_error")
+    return ApiError(
+        "the server's engine has stopped (the server is shutting down, or failed: see its log)",
+        status=503,
+        code="unavailable",
+        kind="server_error",
+    )
 
 
 def internal_error(request_id: str) -> ApiError:

@@ -55,8 +55,9 @@ class Completion:
         through = decode(self.tokens[self._context :])
         new = through[len(before) + self._taken :]
         complete = final or not new.endswith(REPLACEMENT)
-        if not complete:  # the last bytes may still become one character: hold them back
-            new = new.rstrip(REPLACEMENT)
+        if not complete:
+            # Bytes that may still become one character decode to one replacement character, the last: held back.
+            new = new[:-1]
         self.text = (self.text + new) if self.text else new.lstrip()
         self._taken += len(new)
         if complete:

@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..data import images as data_images
-from ..data.samples import IMAGE_TOO_LARGE, BadSample
+from ..data.samples import EXTREME_ASPECT_RATIO, IMAGE_TOO_LARGE, BadSample
 from .errors import ApiError
 
 log = logging.getLogger("openflamingo.serve")
@@ -39,6 +39,11 @@ MAX_REDIRECTS = 3
 HEADERS = {"User-Agent": "openflamingo", "Accept": "image/*", "Connection": "close"}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A refused image's error code, and the flags that raise its limit.
+REFUSALS = {
+    IMAGE_TOO_LARGE: ("image_too_large", "--max-image-bytes, --max-image-pixels"),
+    EXTREME_ASPECT_RATIO: ("image_aspect_ratio", "--max-image-aspect-ratio"),
+}
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,8 @@ def decode_image(data: bytes, where: str, policy: ImagePolicy) -> Image.Image:
     try:
         return data_images.decode_image(data, where, limits)
     except BadSample as error:
-        code = "image_too_large" if error.reason == IMAGE_TOO_LARGE else "invalid_image"
-        raise ApiError(error.detail, where, code=code) from None
+        code, flags = REFUSALS.get(error.reason, ("invalid_image", None))
+        raise ApiError(error.detail + (f" ({flags})" if flags else ""), where, code=code) from None
 
 
 def _data_url_bytes(url: str, where: str, policy: ImagePolicy) -> bytes:
