@@ -337,3 +337,20 @@ def test_the_model_id_defaults_to_the_checkpoint_directory_name(model, tmp_path,
     assert main(["serve", "--checkpoint", str(tmp_path / "my-flamingo")]) == 0
     assert seen["name"] == "my-flamingo"
     assert os.sep not in seen["name"]
+
+
+def test_every_address_without_a_key_is_warned_about(model, tmp_path, monkeypatch, caplog):
+    from openflamingo.cli import main
+    from openflamingo.serve import cli
+
+    model.save_pretrained(tmp_path / "m", include_backbones=True)
+    monkeypatch.setattr(cli, "serve", lambda *args: None)
+    with caplog.at_level("WARNING", logger="openflamingo.serve"):
+        assert main(["serve", "--checkpoint", str(tmp_path / "m"), "--host", "0.0.0.0"]) == 0
+    assert any("without an API key" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="openflamingo.serve"):
+        assert (
+            main(["serve", "--checkpoint", str(tmp_path / "m"), "--host", "0.0.0.0", "--api-key", "k"]) == 0
+        )
+    assert not any("without an API key" in r.getMessage() for r in caplog.records)
