@@ -4,6 +4,7 @@ equal Flamingo.generate's."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -201,3 +202,55 @@ def test_broken_characters_are_held_back_only_while_they_may_still_complete(toke
     assert len(euro) == 3 and [completion.add(t) for t in euro] == ["", "", "€"]
     streamed = [completion.add(t) for t in invalid + tokenizer("ok", add_special_tokens=False)["input_ids"]]
     assert streamed[0] == "" and streamed[1] == "\ufffd" and "".join(streamed) == "\ufffd\ufffdok"
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_answers(model):
+    requests = [REQUESTS[0], REQUESTS[2], REQUESTS[3], (2, 30, 2, 8, 1, 0.0, None)]
+    served = {}
+    for chunk in (512, 8):
+        engine = Engine(model, prefill_chunk=chunk)
+        engine.start()
+        try:
+            served[chunk] = []
+            for images, words, turns, max_tokens, n, temperature, seed in requests:
+                single, answers = job(
+                    model, conversation(images, words, turns), max_tokens, n, temperature, seed
+                )
+                assert len(single.input_ids) > 8
+                engine.submit(single)
+                assert answers.done.wait(60)
+                served[chunk].append((answers.texts, answers.reasons))
+        finally:
+            engine.stop()
+        served[f"{chunk} prefills"] = engine.prefills
+    assert served[8] == served[512]
+    assert served["8 prefills"] > 3 * served["512 prefills"]
+
+
+def test_a_long_prefill_does_not_hold_up_the_running_answers(model):
+    """A long prompt is prefilled a chunk per engine iteration: an answer being decoded meanwhile finishes first."""
+    engine = Engine(model, prefill_chunk=4)
+    engine.stop_token_ids = set()  # the short answer runs its 10 tokens
+    order = []
+
+    def recorder(name):
+        return lambda event: order.append(name) if not isinstance(event, Delta) else None
+
+    short, _ = job(model, conversation(1, 1), max_tokens=10)
+    long, _ = job(model, conversation(1, 40, turns=2), max_tokens=1)
+    short.emit, long.emit = recorder("short"), recorder("long")
+    assert len(long.input_ids) > 40 * 4  # over 40 chunks
+    engine.start()
+    try:
+        engine.submit(short)
+        wait = 0
+        while engine.steps == 0 and wait < 600:  # the short answer is decoding
+            time.sleep(0.01)
+            wait += 1
+        engine.submit(long)
+        deadline = time.monotonic() + 60
+        while len(order) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert order == ["short", "long"]

@@ -74,6 +74,12 @@ def register(commands) -> None:
         default=30.0,
         help="seconds running requests get to finish on SIGTERM / Ctrl-C (30)",
     )
+    serve.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompt tokens per forward: a longer prompt is prefilled in chunks between decode steps (512)",
+    )
     serve.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop sequence (256)")
     serve.add_argument(
         "--max-score-tokens", type=int, default=8192, help="candidate tokens per /v1/score request (8192)"
@@ -155,6 +161,7 @@ def run(args: argparse.Namespace) -> None:
         "shutdown_grace",
         "max_image_aspect_ratio",
         "image_url_timeout",
+        "prefill_chunk",
     ):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -220,6 +227,7 @@ def run(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         batch_wait_s=args.batch_wait_ms / 1000,
         max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
     )
     serve(model, engine, settings, args.host, args.port, args.max_connections, args.shutdown_grace)
 

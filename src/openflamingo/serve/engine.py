@@ -5,6 +5,10 @@ with `n` answers takes n rows sharing one prefill) are prefilled in one forward 
 finished ones leave at once. When the engine is idle it waits `batch_wait_s` after the first arrival so that
 requests sent together start together.
 
+No request holds up the others by more than one forward of bounded size: a prompt longer than `prefill_chunk`
+tokens is prefilled alone, a chunk per engine iteration (its KV cache and image state carried from chunk to chunk),
+and a scoring request runs a forward per iteration too, both between the decode steps of the running answers.
+
 Two batches run side by side, one for requests with images and one without: with images in play the gated blocks
 also run their feed-forward on every token (as Flamingo computes), so a text-only request must never share a batch
 with images, or its answer would change. A request's answer does not depend on the other rows: padding is masked
@@ -19,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -96,12 +100,14 @@ class Engine:
         batch_wait_s: float = 0.005,
         max_queue: int = 64,
         score_positions: int = 512,
+        prefill_chunk: int = 512,
     ):
         self.model = model
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.max_queue = max_queue  # requests waiting for a batch row (or their turn to be scored)
         self.score_positions = score_positions  # padded candidate tokens per scoring forward
+        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward of a long prompt
         self.device = next(model.parameters()).device
         self.dtype = next(model.perceiver.parameters()).dtype
         self.stop_token_ids = set(model.stop_token_ids())
@@ -112,6 +118,8 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._waiting: collections.deque = collections.deque()
         self._scoring: collections.deque[ScoreTask] = collections.deque()
+        # Long prompts being prefilled a chunk at a time: (the prefill's steps, its job); their rows are reserved.
+        self._prefilling: collections.deque[tuple[Iterator[None], GenerationJob]] = collections.deque()
         self._batches = {True: Batch(), False: Batch()}  # with images, without
         self._lock = threading.Lock()
         self._queued = 0  # submitted, not yet admitted to a batch or to scoring
@@ -144,8 +152,10 @@ class Engine:
 
     @property
     def rows(self) -> int:
-        """Answers being decoded now."""
-        return sum(len(b) for b in self._batches.values())
+        """Answers being decoded now, or prefilled."""
+        return sum(len(b) for b in self._batches.values()) + sum(
+            len(job.sampling) for _, job in self._prefilling
+        )
 
     @property
     def queued(self) -> int:
@@ -170,6 +180,7 @@ class Engine:
                     try:
                         self._collect()
                         self._admit()
+                        self._prefill_step()
                         self._score_step()
                         for batch in self._batches.values():
                             self._drop_cancelled(batch)
@@ -199,10 +210,13 @@ class Engine:
         for task in self._scoring:
             _fail(task.job, failure)
         self._scoring.clear()
+        for _, job in self._prefilling:
+            _fail(job, failure)
+        self._prefilling.clear()
 
     def _collect(self) -> None:
         """Move arrivals to the waiting line; block (briefly, to notice stop()) only when there is nothing to do."""
-        if not self.rows and not self._waiting and not self._scoring:
+        if not self.rows and not self._waiting and not self._scoring:  # (rows include the prefilling ones)
             if self._busy:
                 self._busy = False
                 release_memory()
@@ -252,18 +266,36 @@ class Engine:
             elif rows + len(job.sampling) > self.max_batch_size:
                 break
             else:
-                admitted.append(self._leave_line())
                 rows += len(job.sampling)
+                if len(job.input_ids) > self.prefill_chunk:
+                    self._prefilling.append((self._prefill([self._leave_line()]), job))
+                else:
+                    admitted.append(self._leave_line())
         for with_images in (True, False):
             jobs = [job for job in admitted if (job.images is not None) == with_images]
-            if not jobs:
-                continue
-            try:
-                self._prefill(jobs, with_images)
-            except Exception as error:  # a failing prefill must not stop the running requests
-                log.exception("prefill failed")
-                for job in jobs:
-                    _fail(job, Failed(f"{type(error).__name__}: {error}"))
+            if jobs:
+                self._run_prefill(self._prefill(jobs), jobs, whole=True)
+
+    def _prefill_step(self) -> None:
+        """One chunk of the oldest long prompt being prefilled."""
+        if not self._prefilling:
+            return
+        steps, job = self._prefilling[0]
+        if job.cancelled.is_set() or not self._run_prefill(steps, [job], whole=False):
+            self._prefilling.popleft()
+            steps.close()
+
+    def _run_prefill(self, steps: Iterator[None], jobs: list[GenerationJob], whole: bool) -> bool:
+        """Advance a prefill by one step (or all of them); False once it is over (done or failed)."""
+        try:
+            for _ in steps:
+                if not whole:
+                    return True
+        except Exception as error:  # a failing prefill must not stop the running requests
+            log.exception("prefill failed")
+            for job in jobs:
+                _fail(job, Failed(f"{type(error).__name__}: {error}"))
+        return False
 
     def _score_step(self) -> None:
         """One forward of the oldest scoring request (then it goes to the back of the line)."""
@@ -288,9 +320,12 @@ class Engine:
         if len(kept) < len(batch):
             batch.keep(kept)
 
-    def _prefill(self, jobs: list[GenerationJob], with_images: bool) -> None:
-        """The prompts of `jobs` in one forward (left-padded), their first tokens, and their rows joining the batch."""
+    def _prefill(self, jobs: list[GenerationJob]) -> Iterator[None]:
+        """The prompts of `jobs` (all with images or all without) left-padded, in forwards of `prefill_chunk` tokens
+        (yielding between them), then their first tokens, and their rows joining the batch. Several prompts are
+        prefilled together only when they fit one forward (no chunk can then be all padding)."""
         model, lm = self.model, self.model.language_model
+        with_images = jobs[0].images is not None
         length = max(len(job.input_ids) for job in jobs)
         ids = torch.full((len(jobs), length), model.special_ids.pad, dtype=torch.long)
         mask = torch.zeros((len(jobs), length), dtype=torch.long)
@@ -298,23 +333,39 @@ class Engine:
             ids[b, length - len(job.input_ids) :] = torch.tensor(job.input_ids)
             mask[b, length - len(job.input_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True, **self._last_logits}
-        if self._takes_positions:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         part = Batch(mask=mask, positions=mask.sum(-1))
         if with_images:
             counts = [job.images.shape[1] for job in jobs]
             pixels = torch.zeros(len(jobs), max(counts), *jobs[0].images.shape[2:])
             for b, job in enumerate(jobs):
                 pixels[b, : counts[b]] = job.images[0]
-            visual = model.encode_images(pixels.to(self.device, self.dtype), counts)
-            with model.media(visual, prompt_length=length) as media:
+            part.visual = model.encode_images(pixels.to(self.device, self.dtype), counts)
+        for start in range(0, length, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, length)
+            kwargs = {
+                "input_ids": ids[:, start:end],
+                "attention_mask": mask[:, :end],
+                "use_cache": True,
+                **self._last_logits,
+            }
+            if part.cache is not None:
+                kwargs[self._cache_argument] = part.cache
+            if self._takes_positions:
+                kwargs["position_ids"] = positions[:, start:end]
+            if with_images:
+                with model.media(part.visual, prompt_length=length) as media:
+                    if start > 0:  # which image the prompt so far ended on, and the images' keys/values
+                        media.images_seen = part.images_seen
+                        media.keys_values.update(part.media_kv)
+                    out = lm(**kwargs)
+                part.media_kv, part.images_seen = dict(media.keys_values), media.images_seen
+            else:
                 out = lm(**kwargs)
-            part.visual, part.media_kv, part.images_seen = visual, dict(media.keys_values), media.images_seen
-        else:
-            out = lm(**kwargs)
-        self.prefills += 1
-        part.cache = getattr(out, "cache", None) or out.past_key_values
+            self.prefills += 1
+            part.cache = getattr(out, "cache", None) or out.past_key_values
+            if end < length:
+                yield
         answers = [len(job.sampling) for job in jobs]
         part = part.repeat(answers)
         part.rows = [
