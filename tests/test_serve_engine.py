@@ -227,30 +227,37 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_answers(model):
     assert served["8 prefills"] > 3 * served["512 prefills"]
 
 
-def test_a_long_prefill_does_not_hold_up_the_running_answers(model):
-    """A long prompt is prefilled a chunk per engine iteration: an answer being decoded meanwhile finishes first."""
-    engine = Engine(model, prefill_chunk=4)
-    engine.stop_token_ids = set()  # the short answer runs its 10 tokens
-    order = []
+def test_a_long_prefill_takes_its_share_of_time_between_the_running_answers_steps(model):
+    """A long prompt is prefilled a chunk at a time, with at most `bulk_share` of the engine's time while another
+    answer is being decoded: that answer finishes first, having waited for few chunks."""
+    engine = Engine(model, prefill_chunk=4, bulk_share=0.25)
+    engine.stop_token_ids = set()  # the short answer runs all its tokens
+    events = []
 
     def recorder(name):
-        return lambda event: order.append(name) if not isinstance(event, Delta) else None
+        return lambda event: (
+            None if isinstance(event, Delta) else events.append((name, engine.prefills, engine.steps))
+        )
 
-    short, _ = job(model, conversation(1, 1), max_tokens=10)
+    short, _ = job(model, conversation(1, 1), max_tokens=30)
     long, _ = job(model, conversation(1, 40, turns=2), max_tokens=1)
     short.emit, long.emit = recorder("short"), recorder("long")
     assert len(long.input_ids) > 40 * 4  # over 40 chunks
+    # Every forward costs about the same (a sleep dominates), so the share of time is a share of forwards.
+    slow = model.language_model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
     engine.start()
     try:
         engine.submit(short)
-        wait = 0
-        while engine.steps == 0 and wait < 600:  # the short answer is decoding
-            time.sleep(0.01)
-            wait += 1
-        engine.submit(long)
         deadline = time.monotonic() + 60
-        while len(order) < 2 and time.monotonic() < deadline:
+        while engine.steps == 0 and time.monotonic() < deadline:  # the short answer is decoding
+            time.sleep(0.001)
+        prefills, steps = engine.prefills, engine.steps
+        engine.submit(long)
+        while len(events) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
         engine.stop()
-    assert order == ["short", "long"]
+        slow.remove()
+    assert [name for name, _, _ in events] == ["short", "long"]
+    chunks, decode_steps = events[0][1] - prefills, events[0][2] - steps
+    assert 0 < chunks <= decode_steps / 2, (chunks, decode_steps)

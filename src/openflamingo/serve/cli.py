@@ -77,8 +77,14 @@ def register(commands) -> None:
     serve.add_argument(
         "--prefill-chunk",
         type=int,
-        default=512,
-        help="prompt tokens per forward: a longer prompt is prefilled in chunks between decode steps (512)",
+        default=256,
+        help="prompt tokens per forward: a longer prompt is prefilled in chunks between decode steps (256)",
+    )
+    serve.add_argument(
+        "--bulk-share",
+        type=float,
+        default=0.25,
+        help="most of the engine's time long prefills and /v1/score get while other requests wait (0.25)",
     )
     serve.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop sequence (256)")
     serve.add_argument(
@@ -165,6 +171,8 @@ def run(args: argparse.Namespace) -> None:
     ):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not 0 < args.bulk_share < 1:
+        raise ValueError(f"--bulk-share must be between 0 and 1, got {args.bulk_share}")
     api_key = read_api_key(args)
     if api_key is None and args.host not in LOOPBACK:
         log.warning(
@@ -228,6 +236,7 @@ def run(args: argparse.Namespace) -> None:
         batch_wait_s=args.batch_wait_ms / 1000,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
+        bulk_share=args.bulk_share,
     )
     serve(model, engine, settings, args.host, args.port, args.max_connections, args.shutdown_grace)
 

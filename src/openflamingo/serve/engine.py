@@ -5,9 +5,11 @@ with `n` answers takes n rows sharing one prefill) are prefilled in one forward 
 finished ones leave at once. When the engine is idle it waits `batch_wait_s` after the first arrival so that
 requests sent together start together.
 
-No request holds up the others by more than one forward of bounded size: a prompt longer than `prefill_chunk`
-tokens is prefilled alone, a chunk per engine iteration (its KV cache and image state carried from chunk to chunk),
-and a scoring request runs a forward per iteration too, both between the decode steps of the running answers.
+No request holds up the others by more than one forward of bounded size. Bulk work runs a step at a time between
+the decode steps of the running answers: a prompt longer than `prefill_chunk` tokens is prefilled alone, a chunk per
+step (its KV cache and image state carried from chunk to chunk), and a scoring request runs one forward of
+candidates per step. While other requests are running or waiting, bulk steps get at most `bulk_share` of the
+engine's time, so a request of thousands of tokens slows the others by that share at most instead of stalling them.
 
 Two batches run side by side, one for requests with images and one without: with images in play the gated blocks
 also run their feed-forward on every token (as Flamingo computes), so a text-only request must never share a batch
@@ -100,7 +102,8 @@ class Engine:
         batch_wait_s: float = 0.005,
         max_queue: int = 64,
         score_positions: int = 512,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = 256,
+        bulk_share: float = 0.25,
     ):
         self.model = model
         self.max_batch_size = max_batch_size
@@ -108,6 +111,7 @@ class Engine:
         self.max_queue = max_queue  # requests waiting for a batch row (or their turn to be scored)
         self.score_positions = score_positions  # padded candidate tokens per scoring forward
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward of a long prompt
+        self.bulk_share = bulk_share  # of the engine's busy time, for bulk steps while others wait
         self.device = next(model.parameters()).device
         self.dtype = next(model.perceiver.parameters()).dtype
         self.stop_token_ids = set(model.stop_token_ids())
@@ -117,9 +121,11 @@ class Engine:
         self._last_logits = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
         self._queue: queue.Queue = queue.Queue()
         self._waiting: collections.deque = collections.deque()
-        self._scoring: collections.deque[ScoreTask] = collections.deque()
-        # Long prompts being prefilled a chunk at a time: (the prefill's steps, its job); their rows are reserved.
-        self._prefilling: collections.deque[tuple[Iterator[None], GenerationJob]] = collections.deque()
+        # Scoring requests and long prompts' prefills, a step each in turn (a prefill's rows are reserved).
+        self._bulk: collections.deque[ScoreTask | PrefillTask] = collections.deque()
+        # Seconds of bulk work due: other work's time earns bulk_share / (1 - bulk_share) of it, a bulk step run while
+        # others wait spends its own time; never above 0, so no credit is banked for a later burst.
+        self._bulk_credit = 0.0
         self._batches = {True: Batch(), False: Batch()}  # with images, without
         self._lock = threading.Lock()
         self._queued = 0  # submitted, not yet admitted to a batch or to scoring
@@ -153,9 +159,8 @@ class Engine:
     @property
     def rows(self) -> int:
         """Answers being decoded now, or prefilled."""
-        return sum(len(b) for b in self._batches.values()) + sum(
-            len(job.sampling) for _, job in self._prefilling
-        )
+        prefilling = sum(len(task.job.sampling) for task in self._bulk if isinstance(task, PrefillTask))
+        return sum(len(b) for b in self._batches.values()) + prefilling
 
     @property
     def queued(self) -> int:
@@ -179,13 +184,15 @@ class Engine:
                     self.beat = time.monotonic()
                     try:
                         self._collect()
+                        started = time.monotonic()
                         self._admit()
-                        self._prefill_step()
-                        self._score_step()
                         for batch in self._batches.values():
                             self._drop_cancelled(batch)
                             if batch.rows:
                                 self._step(batch)
+                        earned = (time.monotonic() - started) * self.bulk_share / (1 - self.bulk_share)
+                        self._bulk_credit = min(0.0, self._bulk_credit + earned)
+                        self._bulk_step()
                     except Exception as error:  # a bug must not leave every later request waiting forever
                         log.exception("engine step failed")
                         self._fail_running(Failed(f"{type(error).__name__}: {error}"))
@@ -207,16 +214,13 @@ class Engine:
             for job in {id(row.job): row.job for row in batch.rows}.values():
                 _fail(job, failure)
             batch.keep([])
-        for task in self._scoring:
+        for task in self._bulk:
             _fail(task.job, failure)
-        self._scoring.clear()
-        for _, job in self._prefilling:
-            _fail(job, failure)
-        self._prefilling.clear()
+        self._bulk.clear()
 
     def _collect(self) -> None:
         """Move arrivals to the waiting line; block (briefly, to notice stop()) only when there is nothing to do."""
-        if not self.rows and not self._waiting and not self._scoring:  # (rows include the prefilling ones)
+        if not self.rows and not self._waiting and not self._bulk:
             if self._busy:
                 self._busy = False
                 release_memory()
@@ -255,7 +259,7 @@ class Engine:
                 self._leave_line()
                 # From here on the handler's cancellation (client gone, deadline) cannot race with the result.
                 if job.result.set_running_or_notify_cancel():
-                    self._scoring.append(
+                    self._bulk.append(
                         ScoreTask(self.model, job, self.device, self.dtype, self.score_positions)
                     )
             elif len(job.sampling) > self.max_batch_size:
@@ -268,51 +272,46 @@ class Engine:
             else:
                 rows += len(job.sampling)
                 if len(job.input_ids) > self.prefill_chunk:
-                    self._prefilling.append((self._prefill([self._leave_line()]), job))
+                    self._bulk.append(PrefillTask(self._leave_line(), self._prefill([job])))
                 else:
                     admitted.append(self._leave_line())
         for with_images in (True, False):
             jobs = [job for job in admitted if (job.images is not None) == with_images]
-            if jobs:
-                self._run_prefill(self._prefill(jobs), jobs, whole=True)
+            if not jobs:
+                continue
+            try:
+                for _ in self._prefill(jobs):  # short prompts: one forward, no yield
+                    pass
+            except Exception as error:  # a failing prefill must not stop the running requests
+                log.exception("prefill failed")
+                for job in jobs:
+                    _fail(job, Failed(f"{type(error).__name__}: {error}"))
 
-    def _prefill_step(self) -> None:
-        """One chunk of the oldest long prompt being prefilled."""
-        if not self._prefilling:
+    def _bulk_step(self) -> None:
+        """One step of the oldest bulk task (then it goes to the back of the line), unless bulk work has had its
+        share of the time while other requests are running or waiting."""
+        if not self._bulk:
             return
-        steps, job = self._prefilling[0]
-        if job.cancelled.is_set() or not self._run_prefill(steps, [job], whole=False):
-            self._prefilling.popleft()
-            steps.close()
-
-    def _run_prefill(self, steps: Iterator[None], jobs: list[GenerationJob], whole: bool) -> bool:
-        """Advance a prefill by one step (or all of them); False once it is over (done or failed)."""
-        try:
-            for _ in steps:
-                if not whole:
-                    return True
-        except Exception as error:  # a failing prefill must not stop the running requests
-            log.exception("prefill failed")
-            for job in jobs:
-                _fail(job, Failed(f"{type(error).__name__}: {error}"))
-        return False
-
-    def _score_step(self) -> None:
-        """One forward of the oldest scoring request (then it goes to the back of the line)."""
-        if not self._scoring:
+        others = bool(self._waiting) or any(batch.rows for batch in self._batches.values())
+        if others and self._bulk_credit < 0:
             return
-        task = self._scoring.popleft()
+        task = self._bulk.popleft()
         if task.job.cancelled.is_set():
+            task.close()
             return
+        started = time.monotonic()
+        self.score_steps += isinstance(task, ScoreTask)  # counted first: the last step answers the request
         try:
             done = task.step()
-        except Exception as error:  # the scoring request fails, the server goes on
-            log.exception("scoring failed")
+        except Exception as error:  # the request fails, the server goes on
+            log.exception("%s failed", type(task).__name__)
             _fail(task.job, Failed(f"{type(error).__name__}: {error}"))
             return
-        self.score_steps += 1
+        finally:
+            if others:
+                self._bulk_credit -= time.monotonic() - started
         if not done:
-            self._scoring.append(task)
+            self._bulk.append(task)
 
     def _drop_cancelled(self, batch: Batch) -> None:
         """Rows of requests that were cancelled (client gone, deadline passed) leave before the next step."""
@@ -437,6 +436,20 @@ class Engine:
             else:
                 kept.append(i)
         return kept
+
+
+@dataclass
+class PrefillTask:
+    """A long prompt's prefill as bulk work: `step()` runs one chunk and returns True when the prefill is over."""
+
+    job: GenerationJob
+    steps: Iterator[None]
+
+    def step(self) -> bool:
+        return next(self.steps, True) is True
+
+    def close(self) -> None:
+        self.steps.close()
 
 
 def _fail(job: GenerationJob | ScoreJob, failure: Failed) -> None:

@@ -60,6 +60,9 @@ class ScoreTask:
     def step(self) -> bool:
         return next(self._steps, True)
 
+    def close(self) -> None:
+        self._steps.close()
+
     def _run(self, model, device, dtype, positions_per_call) -> Iterator[bool]:
         job, lm = self.job, model.language_model
         argument = "cache" if forward_accepts(lm, "cache") else "past_key_values"
