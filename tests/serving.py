@@ -49,10 +49,11 @@ def tiny_model(tokenizer_dir, seed: int = 0):
 
 
 def settings(
-    model, images: ImagePolicy = ImagePolicy(), api_key: str | None = None, server=None, **limits
+    model, images: ImagePolicy | None = None, api_key: str | None = None, server=None, **limits
 ) -> Settings:
     """Settings with these Limits; `server` holds other Settings fields (timeouts, allowed hosts)."""
-    return Settings(Limits(MODEL, **limits), images, model.config.prompt_format, api_key, **(server or {}))
+    policy = images or ImagePolicy()
+    return Settings(Limits(MODEL, **limits), policy, model.config.prompt_format, api_key, **(server or {}))
 
 
 def free_port() -> int:
