@@ -132,7 +132,8 @@ def test_health_reports_a_stalled_or_stopped_engine(model):
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread this test kills
+# The engine thread this test kills reports its exception.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_when_the_engine_thread_dies_waiting_and_new_requests_get_a_503(model, monkeypatch):
     with running_server(model, settings(model)) as (url, engine):
         answers = []
