@@ -96,6 +96,10 @@ def create_app(model, engine: Engine, settings: Settings, announce: str | None =
     # once cost time in line, not memory.
     preparing = anyio.CapacityLimiter(os.cpu_count() or 1)
 
+    async def parse(parser, body: bytes):
+        """The request, parsed and checked off the event loop (a body of 20 MiB takes a while)."""
+        return await run_in_threadpool(lambda: parser(parse_json(body), limits))
+
     async def prepare(conversation: Conversation) -> Prompt:
         return await anyio.to_thread.run_sync(
             prepare_prompt, model, settings.prompt_format, conversation, settings.images, limiter=preparing
@@ -147,7 +151,7 @@ def create_app(model, engine: Engine, settings: Settings, announce: str | None =
     async def chat_completions(request: Request):
         deadline = time.monotonic() + settings.request_timeout_s
         authorize(request, settings)
-        chat = parse_chat_request(parse_json(await read_body(request, settings)), limits)
+        chat = await parse(parse_chat_request, await read_body(request, settings))
         prompt = await prepare(chat.conversation)
         max_tokens = answer_budget(prompt, chat.max_tokens, model, limits.max_tokens)
         events: asyncio.Queue = asyncio.Queue()
@@ -197,7 +201,7 @@ def create_app(model, engine: Engine, settings: Settings, announce: str | None =
         """Log-likelihood of each candidate answer to the last user message (rank classification)."""
         deadline = time.monotonic() + settings.request_timeout_s
         authorize(request, settings)
-        scoring = parse_score_request(parse_json(await read_body(request, settings)), limits)
+        scoring = await parse(parse_score_request, await read_body(request, settings))
         prompt = await prepare(scoring.conversation)
         ids = await run_in_threadpool(candidate_ids, model, settings.prompt_format, scoring.candidates)
         check_candidates(ids, len(prompt.input_ids), context, limits)
