@@ -7,8 +7,8 @@ requests sent together start together.
 
 No request holds up the others by more than one forward of bounded size. Bulk work runs a step at a time between
 the decode steps of the running answers: a prompt longer than `prefill_chunk` tokens is prefilled alone, a chunk per
-step (its KV cache and image state carried from chunk to chunk), and a scoring request runs one forward of
-candidates per step. While other requests are running or waiting, bulk steps get at most `bulk_share` of the
+step (its KV cache and image state carried from chunk to chunk; chunks of about BULK_STEP_S each), and a scoring
+request runs one forward of candidates per step. While other requests are running or waiting, bulk steps get at most `bulk_share` of the
 engine's time, so a request of thousands of tokens slows the others by that share at most instead of stalling them.
 
 Two batches run side by side, one for requests with images and one without: with images in play the gated blocks
@@ -37,6 +37,10 @@ from .sampling import Sampling, next_tokens
 from .scoring import ScoreJob, ScoreTask
 
 log = logging.getLogger("openflamingo.serve")
+# A long prompt's prefill chunks aim at this many seconds each (at most prefill_chunk tokens): a request that arrives
+# meanwhile waits for one chunk at most. The first chunk is a guess, the next ones follow the measured cost.
+BULK_STEP_S = 0.1
+FIRST_CHUNK, MIN_CHUNK = 64, 16
 
 
 class QueueFull(Exception):
@@ -340,8 +344,10 @@ class Engine:
             for b, job in enumerate(jobs):
                 pixels[b, : counts[b]] = job.images[0]
             part.visual = model.encode_images(pixels.to(self.device, self.dtype), counts)
-        for start in range(0, length, self.prefill_chunk):
-            end = min(start + self.prefill_chunk, length)
+        start, size = 0, length if length <= self.prefill_chunk else min(FIRST_CHUNK, self.prefill_chunk)
+        while start < length:
+            end = min(start + size, length)
+            began = time.monotonic()
             kwargs = {
                 "input_ids": ids[:, start:end],
                 "attention_mask": mask[:, :end],
@@ -363,7 +369,11 @@ class Engine:
                 out = lm(**kwargs)
             self.prefills += 1
             part.cache = getattr(out, "cache", None) or out.past_key_values
-            if end < length:
+            start = end
+            if start < length:
+                # The next chunk aims at BULK_STEP_S: later chunks attend to a longer cache, so cost more per token.
+                took = max(time.monotonic() - began, 1e-6)
+                size = max(MIN_CHUNK, min(self.prefill_chunk, int(size * BULK_STEP_S / took)))
                 yield
         answers = [len(job.sampling) for job in jobs]
         part = part.repeat(answers)
