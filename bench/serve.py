@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Load test of `openflamingo serve` on 127.0.0.1: 1, 4 and 16 concurrent clients, the same 200 requests each.
 
-    .venv/bin/python bench/serve.py [--checkpoint runs/demo/final] [--clients 1 4 16] [--requests 200]
+    .venv/bin/python bench/serve.py [--checkpoint runs/demo/final | --stand-in DIR] [--clients 1 4 16]
+        [--requests 200] [--adversarial [--attacks TEXT ...] [--records FILE]]
 
 The server runs as its own process (`openflamingo serve`, CPU, --max-batch-size 16), so its resident memory is
 measured alone: after a warm-up (RSS before) and after all runs (RSS after). Requests are easy-VQA conversations
@@ -519,6 +520,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice)")
     parser.add_argument(
+        "--prefill-chunk", type=int, help="the server's --prefill-chunk (default: the server's)"
+    )
+    parser.add_argument(
         "--adversarial",
         action="store_true",
         help="the bad requests are attacks; each level runs clean, then with them",
@@ -569,6 +573,7 @@ def main() -> None:
     ]
     command += ["--max-batch-size", str(args.max_batch_size)]
     command += ["--threads", str(args.threads)] if args.threads else []
+    command += ["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else []
     command += ["--prompt-format", args.prompt_format] if args.prompt_format else []
     command += ["--read-timeout", str(args.read_timeout)] if args.adversarial else []
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
