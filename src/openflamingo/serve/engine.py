@@ -37,8 +37,9 @@ from .sampling import Sampling, next_tokens
 from .scoring import ScoreJob, ScoreTask
 
 log = logging.getLogger("openflamingo.serve")
-# A long prompt's prefill chunks aim at this many seconds each (at most prefill_chunk tokens): a request that arrives
-# meanwhile waits for one chunk at most. The first chunk is a guess, the next ones follow the measured cost.
+# A bulk step (a long prompt's prefill chunk, at most prefill_chunk tokens; a scoring call, at most score_positions)
+# aims at this many seconds: a request that arrives meanwhile waits for one such step at most. The first step's size
+# is a guess, the next ones follow the measured cost.
 BULK_STEP_S = 0.1
 FIRST_CHUNK, MIN_CHUNK = 64, 16
 
@@ -264,7 +265,7 @@ class Engine:
                 # From here on the handler's cancellation (client gone, deadline) cannot race with the result.
                 if job.result.set_running_or_notify_cancel():
                     self._bulk.append(
-                        ScoreTask(self.model, job, self.device, self.dtype, self.score_positions)
+                        ScoreTask(self.model, job, self.device, self.dtype, self.score_positions, BULK_STEP_S)
                     )
             elif len(job.sampling) > self.max_batch_size:
                 _fail(

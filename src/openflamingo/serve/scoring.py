@@ -10,6 +10,7 @@ call has candidates) with the prompt's image keys/values computed once.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from ..eval.inference import continuation_logprobs
 from ..model.language import forward_accepts
 from .batch import cache_layers
 
+FIRST_POSITIONS, MIN_POSITIONS = 128, 16  # of a call sized by its cost: the first guess, the least
+
 
 @dataclass
 class ScoreJob:
@@ -32,30 +35,33 @@ class ScoreJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-def candidate_calls(
-    candidates: list[list[int]], positions_per_call: int, max_rows: int = 64
-) -> list[list[int]]:
-    """Indices of the candidates with more than one token, grouped into calls of similar lengths, each call at most
-    `max_rows` candidates and `positions_per_call` padded tokens (its logits are rows x width x vocabulary)."""
-    longer = sorted((c for c, t in enumerate(candidates) if len(t) > 1), key=lambda c: len(candidates[c]))
-    calls: list[list[int]] = []
-    for c in longer:
-        width = len(candidates[c]) - 1  # sorted: the newest is the widest of its call
-        if calls and len(calls[-1]) < max_rows and (len(calls[-1]) + 1) * width <= positions_per_call:
-            calls[-1].append(c)
-        else:
-            calls.append([c])
-    return calls
+def next_call(candidates: list[list[int]], order: list[int], positions: int, max_rows: int = 64) -> list[int]:
+    """The next candidates of `order` (sorted by length) for one call: at least one, at most `max_rows` and
+    `positions` padded tokens (the call's logits are rows x width x vocabulary)."""
+    call = [order[0]]
+    for c in order[1 : min(len(order), max_rows)]:
+        if (len(call) + 1) * (len(candidates[c]) - 1) > positions:  # sorted: the newest is the widest
+            break
+        call.append(c)
+    return call
 
 
 class ScoreTask:
     """Steps through one ScoreJob on the engine thread: `step()` runs one forward and returns True when done."""
 
     def __init__(
-        self, model, job: ScoreJob, device: torch.device, dtype: torch.dtype, positions_per_call: int
+        self,
+        model,
+        job: ScoreJob,
+        device: torch.device,
+        dtype: torch.dtype,
+        positions_per_call: int,
+        step_s: float | None = None,
     ):
+        """Calls of at most `positions_per_call` padded candidate tokens; with `step_s`, fewer, so that a call
+        takes about that long (the first call's size is a guess, the next ones follow the measured cost)."""
         self.job = job
-        self._steps = self._run(model, device, dtype, positions_per_call)
+        self._steps = self._run(model, device, dtype, positions_per_call, step_s)
 
     def step(self) -> bool:
         return next(self._steps, True)
@@ -63,7 +69,7 @@ class ScoreTask:
     def close(self) -> None:
         self._steps.close()
 
-    def _run(self, model, device, dtype, positions_per_call) -> Iterator[bool]:
+    def _run(self, model, device, dtype, positions_per_call, step_s) -> Iterator[bool]:
         job, lm = self.job, model.language_model
         argument = "cache" if forward_accepts(lm, "cache") else "past_key_values"
         takes_positions = forward_accepts(lm, "position_ids")
@@ -84,8 +90,15 @@ class ScoreTask:
         scores = torch.tensor([float(logprobs[tokens[0]]) for tokens in job.candidates])
         prompt_cache = cache_layers(getattr(out, "cache", None) or out.past_key_values)
         last_position = torch.tensor([ids.shape[1] - 1], device=device)
-        for call in candidate_calls(job.candidates, positions_per_call):
+        order = sorted(
+            (c for c, t in enumerate(job.candidates) if len(t) > 1), key=lambda c: len(job.candidates[c])
+        )
+        positions = positions_per_call if step_s is None else min(FIRST_POSITIONS, positions_per_call)
+        while order:
             yield False
+            call = next_call(job.candidates, order, positions)
+            order = order[len(call) :]
+            began = time.monotonic()
             rows = len(call)
             cache = DynamicCache(
                 [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prompt_cache]
@@ -111,6 +124,9 @@ class ScoreTask:
                     )
                     sums = continuation_logprobs(*arguments)
             scores[call] += sums.cpu()
+            if step_s is not None:
+                took = max(time.monotonic() - began, 1e-6)
+                positions = max(MIN_POSITIONS, min(positions_per_call, int(positions * step_s / took)))
         job.result.set_result(scores.tolist())
         yield True
 
