@@ -181,7 +181,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     response = httpx.post(
         f"{url}/v1/chat/completions", content=b"x" * 2_000_000, headers=RAW_JSON, timeout=60
     )
-    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+    assert response.status_code == 413 and "--max-image-bytes" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])

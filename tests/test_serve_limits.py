@@ -154,6 +154,8 @@ def test_score_work_is_bounded_by_the_context_and_the_token_limit(server):
         ),
     )
     assert "--max-score-tokens" in assert_refused(bad, code="too_many_tokens")["message"]
+    many = post(url, {"model": MODEL, "messages": question, "candidates": ["a"] * 10_001}, "/v1/score")
+    assert "--max-candidates" in assert_refused(many, param="candidates")["message"]
 
 
 def test_a_large_score_request_runs_in_steps_between_decode_steps(model):

@@ -273,14 +273,14 @@ async def read_body(request: Request, settings: Settings) -> bytes:
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(f"request body is {declared} bytes, over this server's limit of {limit}", status=413)
+        raise body_too_large(f"{declared} bytes", limit)
     chunks, size = [], 0
     try:
         async with asyncio.timeout(settings.read_timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(f"request body is over this server's limit of {limit} bytes", status=413)
+                    raise body_too_large("larger", limit)
                 chunks.append(chunk)
     except TimeoutError:
         raise ApiError(
@@ -289,6 +289,15 @@ async def read_body(request: Request, settings: Settings) -> bytes:
             code="request_timeout",
         ) from None
     return b"".join(chunks)
+
+
+def body_too_large(size: str, limit: int) -> ApiError:
+    return ApiError(
+        f"request body is {size}, over this server's limit of {limit} bytes (--max-images x --max-image-bytes, "
+        "base64-encoded, + 1 MiB)",
+        status=413,
+        code="request_too_large",
+    )
 
 
 def check_candidates(ids: list[list[int]], prompt_tokens: int, context: int | None, limits: Limits) -> None:

@@ -178,7 +178,8 @@ def parse_score_request(data: dict[str, Any], limits: Limits) -> ScoreRequest:
         )
     if len(candidates) > limits.max_candidates:
         raise ApiError(
-            f"candidates: {len(candidates)} candidates, over this server's limit of {limits.max_candidates}",
+            f"candidates: {len(candidates)} candidates, over this server's limit of {limits.max_candidates} "
+            "(--max-candidates)",
             "candidates",
         )
     for i, candidate in enumerate(candidates):
