@@ -87,6 +87,16 @@ def running_server(
         thread.join(timeout=30)
 
 
+class CharTokenizer:
+    """Each token is one character of `text`; decoding joins them (enough for stop handling)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "".join(self.text[t] for t in tokens if t >= 0)
+
+
 def png_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")

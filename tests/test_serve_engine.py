@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from serving import (
+    CharTokenizer,
     image_part,
     one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
     tiny_model,
@@ -168,16 +169,6 @@ def test_score_job_ranks_candidates_with_the_prompt_computed_once(model):
         model, ids, torch.ones_like(ids), prompt.images, candidates, length_normalize=False
     )
     torch.testing.assert_close(torch.tensor(scores), expected[0])
-
-
-class CharTokenizer:
-    """Each token is one character of `text`; decoding joins them (enough for stop handling)."""
-
-    def __init__(self, text):
-        self.text = text
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return "".join(self.text[t] for t in tokens if t >= 0)
 
 
 def test_stop_sequences_end_the_answer_and_are_never_streamed():

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from serving import (
     MODEL,
+    CharTokenizer,
     data_url,
     image_part,
     one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
@@ -98,14 +99,6 @@ def test_a_huge_stop_sequence_is_refused_and_a_long_one_is_cheap(server):
     start = time.perf_counter()
     streamed = "".join(completion.add(i) for i in range(600))
     assert time.perf_counter() - start < 2 and streamed == "a" * 600 and completion.finish_reason == "length"
-
-
-class CharTokenizer:
-    def __init__(self, text):
-        self.text = text
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return "".join(self.text[t] for t in tokens)
 
 
 def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(server, model, monkeypatch):

@@ -7,9 +7,10 @@ requests sent together start together.
 
 No request holds up the others by more than one forward of bounded size. Bulk work runs a step at a time between
 the decode steps of the running answers: a prompt longer than `prefill_chunk` tokens is prefilled alone, a chunk per
-step (its KV cache and image state carried from chunk to chunk; chunks of about BULK_STEP_S each), and a scoring
-request runs one forward of candidates per step. While other requests are running or waiting, bulk steps get at most `bulk_share` of the
-engine's time, so a request of thousands of tokens slows the others by that share at most instead of stalling them.
+step (its KV cache and image state carried from chunk to chunk), and a scoring request runs one forward of
+candidates per step, each step sized by its measured cost to take about BULK_STEP_S. While other requests are
+running or waiting, bulk steps get at most `bulk_share` of the engine's time, so a request of thousands of tokens
+slows the others by that share at most instead of stalling them.
 
 Two batches run side by side, one for requests with images and one without: with images in play the gated blocks
 also run their feed-forward on every token (as Flamingo computes), so a text-only request must never share a batch
@@ -34,7 +35,7 @@ from ..model.language import forward_accepts
 from .batch import Batch
 from .completion import Completion
 from .sampling import Sampling, next_tokens
-from .scoring import ScoreJob, ScoreTask
+from .scoring import ScoreJob, ScoreTask, sized_by_cost
 
 log = logging.getLogger("openflamingo.serve")
 # A bulk step (a long prompt's prefill chunk, at most prefill_chunk tokens; a scoring call, at most score_positions)
@@ -325,9 +326,10 @@ class Engine:
             batch.keep(kept)
 
     def _prefill(self, jobs: list[GenerationJob]) -> Iterator[None]:
-        """The prompts of `jobs` (all with images or all without) left-padded, in forwards of `prefill_chunk` tokens
-        (yielding between them), then their first tokens, and their rows joining the batch. Several prompts are
-        prefilled together only when they fit one forward (no chunk can then be all padding)."""
+        """The prompts of `jobs` (all with images or all without) left-padded: in one forward when they fit
+        `prefill_chunk` tokens, else in chunks sized by their cost (yielding between them); then their first tokens,
+        and their rows joining the batch. Several prompts are prefilled together only when they fit one forward (no
+        chunk can then be all padding)."""
         model, lm = self.model, self.model.language_model
         with_images = jobs[0].images is not None
         length = max(len(job.input_ids) for job in jobs)
@@ -373,8 +375,8 @@ class Engine:
             start = end
             if start < length:
                 # The next chunk aims at BULK_STEP_S: later chunks attend to a longer cache, so cost more per token.
-                took = max(time.monotonic() - began, 1e-6)
-                size = max(MIN_CHUNK, min(self.prefill_chunk, int(size * BULK_STEP_S / took)))
+                took = time.monotonic() - began
+                size = sized_by_cost(size, took, BULK_STEP_S, MIN_CHUNK, self.prefill_chunk)
                 yield
         answers = [len(job.sampling) for job in jobs]
         part = part.repeat(answers)

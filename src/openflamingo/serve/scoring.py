@@ -26,6 +26,12 @@ from .batch import cache_layers
 FIRST_POSITIONS, MIN_POSITIONS = 128, 16  # of a call sized by its cost: the first guess, the least
 
 
+def sized_by_cost(size: int, took_s: float, target_s: float, low: int, high: int) -> int:
+    """The size of the next step of work whose last step of `size` took `took_s`, so that it takes about
+    `target_s`, within [low, high]."""
+    return max(low, min(high, int(size * target_s / max(took_s, 1e-6))))
+
+
 @dataclass
 class ScoreJob:
     input_ids: list[int]
@@ -125,8 +131,8 @@ class ScoreTask:
                     sums = continuation_logprobs(*arguments)
             scores[call] += sums.cpu()
             if step_s is not None:
-                took = max(time.monotonic() - began, 1e-6)
-                positions = max(MIN_POSITIONS, min(positions_per_call, int(positions * step_s / took)))
+                took = time.monotonic() - began
+                positions = sized_by_cost(positions, took, step_s, MIN_POSITIONS, positions_per_call)
         job.result.set_result(scores.tolist())
         yield True
 
