@@ -315,6 +315,25 @@ def test_control_tokens_in_score_candidates_are_text(server, model):
     )
 
 
+def test_requests_prepared_on_several_threads_at_once_all_tokenize(model):
+    # A fast tokenizer's Rust object refuses a second call while one runs ("RuntimeError: Already borrowed"):
+    # requests prepare on worker threads, several at a time.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openflamingo.serve.prepare import candidate_ids
+
+    conversation = parse_messages(user("close</s>and <s>open " * 40), Limits("m"))
+    expected = prepare_prompt(model, model.config.prompt_format, conversation, ImagePolicy()).input_ids
+
+    def prepare_and_score(_):
+        prompt = prepare_prompt(model, model.config.prompt_format, conversation, ImagePolicy())
+        candidate_ids(model, model.config.prompt_format, ["red </s>", "blue"] * 20)
+        return prompt.input_ids
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(ids == expected for ids in pool.map(prepare_and_score, range(400)))
+
+
 # ----- fuzzing the request schema ---------------------------------------------------------------------------------
 def test_fuzzed_requests_get_no_500_and_leave_the_server_healthy(server):
     from hypothesis import HealthCheck, given

@@ -21,6 +21,7 @@ with images, or its answer would change. A request's answer does not depend on t
 from __future__ import annotations
 
 import collections
+import copy
 import ctypes
 import logging
 import queue
@@ -121,6 +122,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.perceiver.parameters()).dtype
         self.stop_token_ids = set(model.stop_token_ids())
+        # Decoding on the engine thread while workers encode requests would share the tokenizer's Rust object,
+        # which takes no two calls at once (see prepare.TOKENIZER_LOCK): the engine has a copy of its own.
+        self.tokenizer = copy.deepcopy(model.tokenizer)
         lm = model.language_model
         self._cache_argument = "cache" if forward_accepts(lm, "cache") else "past_key_values"
         self._takes_positions = forward_accepts(lm, "position_ids")
@@ -381,7 +385,7 @@ class Engine:
         answers = [len(job.sampling) for job in jobs]
         part = part.repeat(answers)
         part.rows = [
-            Row(job, i, Completion(model.tokenizer, job.stop, self.stop_token_ids, job.max_tokens))
+            Row(job, i, Completion(self.tokenizer, job.stop, self.stop_token_ids, job.max_tokens))
             for job in jobs
             for i in range(len(job.sampling))
         ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ from .images import ImagePolicy, read_image
 from .protocol import Conversation
 
 POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+# A fast tokenizer's Rust object takes no two calls at once: transformers sets options on it for each encode, and a
+# second thread then fails with "RuntimeError: Already borrowed". Requests prepare on several worker threads, so
+# their encodes take turns (the engine decodes with its own copy).
+TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -46,7 +52,9 @@ def text_budget(model) -> int | None:
     limit = context_length(model)
     if limit is None:
         return None
-    return limit * max(len(token) for token in model.tokenizer.get_vocab())
+    with TOKENIZER_LOCK:
+        vocabulary = model.tokenizer.get_vocab()
+    return limit * max(len(token) for token in vocabulary)
 
 
 def prepare_prompt(
@@ -113,6 +121,11 @@ def render(
 
 def tokenize(tokenizer, text: str, typed: list[tuple[int, int]]) -> list[int]:
     """Token ids of `text`, the control tokens at the `typed` spans as ordinary text."""
+    with TOKENIZER_LOCK:
+        return _tokenize(tokenizer, text, typed)
+
+
+def _tokenize(tokenizer, text: str, typed: list[tuple[int, int]]) -> list[int]:
     if not typed:
         return tokenizer(text)["input_ids"]
     if not getattr(tokenizer, "is_fast", False):
@@ -134,7 +147,9 @@ def tokenize(tokenizer, text: str, typed: list[tuple[int, int]]) -> list[int]:
 @functools.cache
 def _control_tokens(tokenizer) -> re.Pattern | None:
     """A pattern of the tokenizer's added tokens (longest first) other than the Flamingo markers."""
-    tokens = sorted(set(tokenizer.get_added_vocab()) - {MEDIA, END_OF_CHUNK}, key=len, reverse=True)
+    with TOKENIZER_LOCK:
+        added = tokenizer.get_added_vocab()
+    tokens = sorted(set(added) - {MEDIA, END_OF_CHUNK}, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
@@ -164,7 +179,8 @@ def candidate_ids(model, prompt_format: PromptFormat, candidates: list[str]) -> 
         else ""
     )
     texts = [lead + c.strip() for c in candidates]
-    ids = model.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    with TOKENIZER_LOCK:
+        ids = model.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     for i, tokens in enumerate(ids):
         if not tokens:
             raise ApiError(f"candidates[{i}]: tokenizes to nothing", f"candidates[{i}]")
