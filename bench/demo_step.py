@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from openflamingo.model.build import build_flamingo
+from openflamingo.model.checkpoint import build_or_load
 from openflamingo.model.flamingo import Flamingo
 from openflamingo.train.config import TrainConfig, load_config
 from openflamingo.train.data import build_loader
@@ -23,7 +23,7 @@ def demo_step(overrides: list[str] | None = None) -> tuple[Flamingo, Callable[[]
     """(model, step) where step() runs forward + backward of every dataset, clip and AdamW, and returns seconds."""
     config = load_config(RECIPE, ["--data.loader", "synthetic", *(overrides or [])])
     torch.manual_seed(0)
-    model = build_flamingo(config.model, seed=0).train()
+    model = build_or_load(config.model, seed=0).train()
     optimizer = build_optimizer(model, TrainConfig(lr=1e-5))
     loader = build_loader(config.enabled_datasets(), config.data, model, rank=0, world_size=1, seed=0)
     batches = {name: prepare_batch(model, batch) for name, batch in next(loader).items()}

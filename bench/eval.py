@@ -136,7 +136,7 @@ def our_model():
     from check import flamingo_config  # builds our config from a parity bundle
 
     from openflamingo import build_flamingo
-    from openflamingo.model.convert import load_open_flamingo_state_dict
+    from openflamingo.model.convert.openflamingo import load_open_flamingo_state_dict
 
     torch.manual_seed(0)
     model = build_flamingo(flamingo_config(BUNDLE, json.loads((BUNDLE / "config.json").read_text())))

@@ -458,10 +458,11 @@ def free_port() -> int:
 STAND_IN = """
 import sys
 from openflamingo.model.build import build_flamingo
+from openflamingo.model.checkpoint import save_pretrained
 from openflamingo.train.config import load_config
 
 config = load_config("configs/demo.toml")
-build_flamingo(config.model, seed=config.train.seed).save_pretrained(sys.argv[1])
+save_pretrained(build_flamingo(config.model, seed=config.train.seed), sys.argv[1])
 """
 
 

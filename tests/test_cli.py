@@ -4,7 +4,14 @@ import torch
 from PIL import Image
 from test_model import tiny_config
 
-from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
+from openflamingo import (
+    CrossAttentionConfig,
+    FlamingoConfig,
+    PerceiverConfig,
+    VisionConfig,
+    build_flamingo,
+    save_pretrained,
+)
 from openflamingo.cli import main as cli_main
 from openflamingo.model.inputs import prepare_inputs
 
@@ -32,7 +39,7 @@ def test_packaged_backbones_build_a_model_that_trains_and_generates_offline():
 
 def test_generate_command_answers_from_a_saved_model(tokenizer_dir, tmp_path, capsys):
     model = build_flamingo(tiny_config(tokenizer_dir), seed=0)
-    model.save_pretrained(tmp_path / "model")
+    save_pretrained(model, tmp_path / "model")
     Image.new("RGB", (40, 30), (0, 0, 255)).save(tmp_path / "blue.png")
     rc = cli_main(
         [
@@ -53,7 +60,7 @@ def test_generate_command_answers_from_a_saved_model(tokenizer_dir, tmp_path, ca
 
 
 def test_generate_command_reports_image_token_mismatch_in_one_line(tokenizer_dir, tmp_path, capsys):
-    build_flamingo(tiny_config(tokenizer_dir), seed=0).save_pretrained(tmp_path / "model")
+    save_pretrained(build_flamingo(tiny_config(tokenizer_dir), seed=0), tmp_path / "model")
     rc = cli_main(["generate", "--checkpoint", str(tmp_path / "model"), "--prompt", "<image>no image given"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("openflamingo generate: error:") and len(err.splitlines()) == 1

@@ -13,7 +13,10 @@ from safetensors.torch import load_file, save_file
 import openflamingo
 from openflamingo import build_flamingo
 from openflamingo.cli import main as cli_main
-from openflamingo.model.convert import convert_open_flamingo_state_dict, load_open_flamingo_state_dict
+from openflamingo.model.convert.openflamingo import (
+    convert_open_flamingo_state_dict,
+    load_open_flamingo_state_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "parity"

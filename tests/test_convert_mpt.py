@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from openflamingo.model.convert_mpt import convert_mosaic_gpt, is_remote_code_mpt, load_mpt_with_qk_layernorm
+from openflamingo.model.convert.mpt import convert_mosaic_gpt, is_remote_code_mpt, load_mpt_with_qk_layernorm
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mpt_parity"
 BUNDLES = ["mosaic_gpt_1b", "mpt_7b"]

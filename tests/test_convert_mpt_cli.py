@@ -8,7 +8,7 @@ import pytest
 from openflamingo.cli import main as cli_main
 from openflamingo.model.build import build_language_model
 from openflamingo.model.config import FlamingoConfig
-from openflamingo.model.convert_mpt import load_mpt_with_qk_layernorm
+from openflamingo.model.convert.mpt import load_mpt_with_qk_layernorm
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mpt_parity"
 

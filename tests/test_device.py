@@ -65,14 +65,14 @@ def test_training_sends_every_batch_to_the_model_device(tokenizer_dir, tmp_path,
     monkeypatch.setattr(distributed, "setup", lambda device="auto": distributed.Distributed(device=META))
     import openflamingo.train.loop as loop
 
-    build = loop.build_flamingo
+    build = loop.build_or_load
 
     def build_checked(*args, **kwargs):
         model = build(*args, **kwargs)
         install_device_checks(model, META, input_check=False)
         return model
 
-    monkeypatch.setattr(loop, "build_flamingo", build_checked)
+    monkeypatch.setattr(loop, "build_or_load", build_checked)
     run = tiny_run(tokenizer_dir, tmp_path, log={"progress": False, "peak_tflops": 1.0, "mfu": mfu})
     with pytest.raises(ReachedModel, match="forward"):
         train(config_of(run))
@@ -84,7 +84,7 @@ def test_evaluation_and_rices_send_inputs_to_the_model_device(tokenizer_dir, mon
         install_device_checks(model, META)
         return model
 
-    tiny_model(tokenizer_dir).save_pretrained(tmp_path / "model")
+    checkpoint_module.save_pretrained(tiny_model(tokenizer_dir), tmp_path / "model")
     monkeypatch.setattr(checkpoint_module, "load", load_checked)
     base = ["eval", "--checkpoint", tmp_path / "model", "--task", "vqav2", "--shots", 1, "--trials", 1, "--device", "meta",
             "--no-progress", "--output-dir", tmp_path / "out", *VQA_FILES]  # fmt: skip

@@ -64,8 +64,10 @@ def records(path: Path) -> list[dict]:
 def checkpoint(tokenizer_dir, tmp_path_factory):
     from test_eval_runs import tiny_model
 
+    from openflamingo import save_pretrained
+
     directory = tmp_path_factory.mktemp("dist") / "tiny-flamingo"
-    tiny_model(tokenizer_dir).save_pretrained(directory)
+    save_pretrained(tiny_model(tokenizer_dir), directory)
     return directory
 
 

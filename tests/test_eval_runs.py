@@ -11,7 +11,14 @@ import torch
 from tiny import TINY_CLIP, lm_config
 from transformers import AutoTokenizer
 
-from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
+from openflamingo import (
+    CrossAttentionConfig,
+    FlamingoConfig,
+    PerceiverConfig,
+    VisionConfig,
+    build_flamingo,
+    save_pretrained,
+)
 from openflamingo.eval import cli as eval_cli
 
 F = Path(__file__).parent / "fixtures" / "eval"
@@ -33,7 +40,7 @@ def tiny_model(tokenizer_dir, family="llama"):
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("eval") / "tiny-flamingo"
-    tiny_model(tokenizer_dir).save_pretrained(directory)
+    save_pretrained(tiny_model(tokenizer_dir), directory)
     return directory
 
 

@@ -185,11 +185,11 @@ def test_training_sends_cached_features_to_the_model_device(tokenizer_dir, tmp_p
     config = feature_cache_run(tokenizer_dir, tmp_path, tmp_path / "run", feature_cache=True)
     config.log.mfu = mfu
     # The cache is built on the CPU (a meta-device encoder computes nothing); the run then moves its batches.
-    cpu_model = loop.build_flamingo(config.model, seed=0)
+    cpu_model = loop.build_or_load(config.model, seed=0)
     cached = build_loader(config.enabled_datasets(), config.data, cpu_model, rank=0, world_size=1, seed=0)
     monkeypatch.setattr(loop, "build_loader", lambda *args, **kwargs: cached)
     monkeypatch.setattr(distributed, "setup", lambda device="auto": distributed.Distributed(device=META))
-    build = loop.build_flamingo
+    build = loop.build_or_load
 
     def check(module, args, kwargs):
         assert kwargs.get("images") is None and kwargs["image_features"].device == META
@@ -200,7 +200,7 @@ def test_training_sends_cached_features_to_the_model_device(tokenizer_dir, tmp_p
         model.register_forward_pre_hook(check, with_kwargs=True)
         return model
 
-    monkeypatch.setattr(loop, "build_flamingo", build_checked)
+    monkeypatch.setattr(loop, "build_or_load", build_checked)
     with pytest.raises(ReachedModel, match="forward"):
         train(config)
 

@@ -10,7 +10,7 @@ from test_model import TEXTS, batch, tiny_config
 from transformers import AutoTokenizer
 
 import openflamingo
-from openflamingo import build_flamingo
+from openflamingo import build_flamingo, build_or_load, save_pretrained
 from openflamingo.model.checkpoint import init_config, load_strict
 from openflamingo.model.lora import LoraSettings, merge_lora
 
@@ -30,7 +30,7 @@ def perturbed(model):
 def saved(tokenizer_dir, tmp_path):
     torch.manual_seed(0)
     model = perturbed(build_flamingo(tiny_config(tokenizer_dir), seed=0)).eval()
-    model.save_pretrained(tmp_path / "base")
+    save_pretrained(model, tmp_path / "base")
     return model, tmp_path / "base"
 
 
@@ -41,7 +41,7 @@ def recipe_model(directory, **fields) -> dict:
 def test_init_from_loads_every_weight_and_then_trains_like_a_hand_loaded_model(saved, tokenizer_dir):
     base, directory = saved
     config = openflamingo.FlamingoConfig.from_dict(init_config(recipe_model(directory)))
-    started = build_flamingo(config, seed=1)
+    started = build_or_load(config, seed=1)
     by_hand = build_flamingo(tiny_config(tokenizer_dir), seed=1)
     state = load_file(directory / "model.safetensors")
     load_strict(by_hand, state, sorted(state), source="by hand")
@@ -55,6 +55,13 @@ def test_init_from_loads_every_weight_and_then_trains_like_a_hand_loaded_model(s
     started_state, hand_state = started.state_dict(), by_hand.state_dict()
     assert started_state.keys() == hand_state.keys()
     assert all(torch.equal(started_state[k], hand_state[k]) for k in hand_state)
+
+
+def test_build_flamingo_refuses_init_from_and_names_build_or_load(saved):
+    _, directory = saved
+    config = openflamingo.FlamingoConfig.from_dict(init_config(recipe_model(directory)))
+    with pytest.raises(ValueError, match="build_flamingo builds fresh models.*build_or_load"):
+        build_flamingo(config)
 
 
 @pytest.mark.parametrize("change", ["missing", "extra", "shape"])
@@ -73,7 +80,7 @@ def test_init_from_refuses_a_checkpoint_that_does_not_load_completely(saved, cha
     save_file(state, directory / "model.safetensors")
     config = openflamingo.FlamingoConfig.from_dict(init_config(recipe_model(directory)))
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        build_flamingo(config)
+        build_or_load(config)
 
 
 def test_init_from_names_the_architecture_field_that_differs(saved):
@@ -97,7 +104,7 @@ def test_lora_trains_adapters_only_and_round_trips_through_its_peft_files(tokeni
         n.startswith(("perceiver.", "cross_attn_blocks.", "added_tokens.")) or ".lora_" in n
         for n in trainable
     )
-    model.save_pretrained(tmp_path / "lora")
+    save_pretrained(model, tmp_path / "lora")
     adapter = load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors")
     assert adapter and all(k.startswith("base_model.model.") and ".lora_" in k for k in adapter)
     assert json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())["r"] == 4
@@ -145,7 +152,7 @@ def test_unfrozen_layers_train_and_only_they_are_stored(tokenizer_dir, tmp_path)
     )
     with torch.no_grad():
         model.language_model.model.layers[1].mlp.up_proj.weight.add_(1.0)  # differs from the saved LM
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     stored = {
         k for k in load_file(tmp_path / "ckpt" / "model.safetensors") if k.startswith("language_model.")
     }
@@ -163,7 +170,7 @@ def test_export_merge_lora_gives_a_plain_checkpoint_with_the_same_logits(tokeniz
 
     config = dataclasses.replace(tiny_config(tokenizer_dir), lora=LORA)
     model = perturbed(build_flamingo(config, seed=0)).eval()
-    model.save_pretrained(tmp_path / "lora")
+    save_pretrained(model, tmp_path / "lora")
     assert main(["export", str(tmp_path / "lora"), str(tmp_path / "merged"), "--merge-lora"]) == 0
     assert not (tmp_path / "merged" / "adapter").exists()
     merged = openflamingo.load(tmp_path / "merged").eval()
@@ -186,7 +193,7 @@ def test_a_fine_tuning_run_starts_from_saved_weights_and_records_its_chat_format
     chat_tokenizer.chat_template = CHATML
     chat_tokenizer.eos_token = "<|im_end|>"
     chat_tokenizer.save_pretrained(tmp_path / "chat-tokenizer")
-    build_flamingo(tiny_config(tmp_path / "chat-tokenizer"), seed=0).save_pretrained(tmp_path / "base")
+    save_pretrained(build_flamingo(tiny_config(tmp_path / "chat-tokenizer"), seed=0), tmp_path / "base")
     (tmp_path / "img").mkdir()
     records = []
     for i, colour in enumerate(("red", "blue", "green", "yellow")):

@@ -100,7 +100,7 @@ def test_tokens_before_the_first_image_ignore_the_images(tokenizer_dir):
 @pytest.mark.parametrize("immediate", [True, False])
 def test_text_attends_to_its_own_image_or_all_previous(immediate):
     torch.manual_seed(0)
-    attn = MaskedCrossAttention(dim=8, dim_visual=6, heads=2, dim_head=4)
+    attn = MaskedCrossAttention(dim=8, dim_visual=6, cfg=CrossAttentionConfig(heads=2, dim_head=4))
     text_time = torch.tensor([[0, 1, 1, 2, 2]])  # token 0 before any image, tokens 3-4 after the second
     media = torch.randn(1, 2, 3, 6)
     x = torch.randn(1, 5, 8)

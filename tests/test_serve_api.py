@@ -18,6 +18,7 @@ from serving import (
     tiny_model,
 )
 
+from openflamingo import save_pretrained
 from openflamingo.cli import main
 from openflamingo.model.inputs import prepare_inputs
 from openflamingo.serve.images import ImagePolicy
@@ -139,7 +140,7 @@ def test_serve_command_starts_and_prints_its_urls(model, tmp_path, monkeypatch, 
     replaced by the same server run on a thread, so that the test can stop it."""
     import uvicorn
 
-    model.save_pretrained(tmp_path / "model", include_backbones=True)
+    save_pretrained(model, tmp_path / "model", include_backbones=True)
     port = free_port()
     answers = []
 

@@ -26,6 +26,7 @@ from serving import (
     tiny_model,
 )
 
+from openflamingo import save_pretrained
 from openflamingo.serve.app import Settings
 from openflamingo.serve.engine import GenerationJob
 from openflamingo.serve.sampling import Sampling
@@ -196,7 +197,7 @@ def test_a_score_request_whose_client_left_is_never_run(model):
 
 
 def test_sigterm_drains_running_requests_and_exits_0(model, tmp_path):
-    model.save_pretrained(tmp_path / "tiny", include_backbones=True)
+    save_pretrained(model, tmp_path / "tiny", include_backbones=True)
     port = free_port()
     command = [sys.executable, "-m", "openflamingo.cli", "serve", "--checkpoint", str(tmp_path / "tiny"),
                "--port", str(port), "--shutdown-grace", "20"]  # fmt: skip
@@ -329,7 +330,7 @@ def test_connections_past_the_cap_get_a_503(model):
 def test_the_model_id_defaults_to_the_checkpoint_directory_name(model, tmp_path, monkeypatch):
     from openflamingo.serve import cli
 
-    model.save_pretrained(tmp_path / "my-flamingo", include_backbones=True)
+    save_pretrained(model, tmp_path / "my-flamingo", include_backbones=True)
     seen = {}
     monkeypatch.setattr(
         cli, "serve", lambda model, engine, settings, *rest: seen.update(name=settings.limits.model_name)
@@ -345,7 +346,7 @@ def test_every_address_without_a_key_is_warned_about(model, tmp_path, monkeypatc
     from openflamingo.cli import main
     from openflamingo.serve import cli
 
-    model.save_pretrained(tmp_path / "m", include_backbones=True)
+    save_pretrained(model, tmp_path / "m", include_backbones=True)
     monkeypatch.setattr(cli, "serve", lambda *args: None)
     with caplog.at_level("WARNING", logger="openflamingo.serve"):
         assert main(["serve", "--checkpoint", str(tmp_path / "m"), "--host", "0.0.0.0"]) == 0

@@ -1,7 +1,7 @@
 """openflamingo: Flamingo-style vision-language models over any Hugging Face causal LM."""
 
 from .model.build import build_flamingo
-from .model.checkpoint import load, save_pretrained
+from .model.checkpoint import build_or_load, load, save_pretrained
 from .model.config import FlamingoConfig
 from .model.cross_attention import CrossAttentionConfig
 from .model.flamingo import Flamingo, FlamingoOutput
@@ -18,6 +18,7 @@ __all__ = [
     "VisionConfig",
     "add_special_tokens",
     "build_flamingo",
+    "build_or_load",
     "load",
     "save_pretrained",
 ]

@@ -1,4 +1,4 @@
-"""The `openflamingo` command: train | eval | data | convert | generate | export | serve."""
+"""The `openflamingo` command: train | eval | data | convert | generate | export | presets | serve."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 def convert_open_flamingo(args: argparse.Namespace) -> None:
-    from .model.convert import convert_open_flamingo_checkpoint
-    from .model.convert_mpt import convert_mosaic_gpt, is_remote_code_mpt
+    from .model.checkpoint import save_pretrained
+    from .model.convert.mpt import convert_mosaic_gpt, is_remote_code_mpt
+    from .model.convert.openflamingo import convert_open_flamingo_checkpoint
 
     language_model = args.language_model
     if is_remote_code_mpt(language_model):  # 3B / 9B releases: MosaicML remote code -> transformers MPT first
@@ -24,14 +25,22 @@ def convert_open_flamingo(args: argparse.Namespace) -> None:
         decoder_layers_path=args.decoder_layers_path,
     )
     print(report.summary())
-    model.save_pretrained(args.out, include_backbones=args.include_backbones, overwrite=args.overwrite)
+    save_pretrained(model, args.out, include_backbones=args.include_backbones, overwrite=args.overwrite)
     print(f"saved {args.out}")
 
 
 def convert_mosaic_gpt_directory(args: argparse.Namespace) -> None:
-    from .model.convert_mpt import convert_mosaic_gpt
+    from .model.convert.mpt import convert_mosaic_gpt
 
     print(convert_mosaic_gpt(args.directory, args.out, overwrite=args.overwrite).summary())
+    print(f"saved {args.out}")
+
+
+def convert_idefics_directory(args: argparse.Namespace) -> None:
+    from .model.convert.idefics import convert_idefics
+
+    instruct = {"auto": None, "instruct": True, "few-shot": False}[args.prompt_format]
+    print(convert_idefics(args.directory, args.out, overwrite=args.overwrite, instruct=instruct).summary())
     print(f"saved {args.out}")
 
 
@@ -69,10 +78,16 @@ def generate(args: argparse.Namespace) -> None:
     print(model.tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
 
 
+def print_presets(args: argparse.Namespace) -> None:
+    from .model.presets import preset_table
+
+    print(preset_table())
+
+
 def export(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .model.checkpoint import load
+    from .model.checkpoint import load, save_pretrained
     from .model.lora import merge_lora
 
     model = load(args.checkpoint)
@@ -88,7 +103,7 @@ def export(args: argparse.Namespace) -> None:
             language_model_config=model.language_model.config.to_dict(),
         )
         print(f"merged {merged} LoRA adapters into the language model")
-    model.save_pretrained(args.out, include_backbones=args.include_backbones, overwrite=args.overwrite)
+    save_pretrained(model, args.out, include_backbones=args.include_backbones, overwrite=args.overwrite)
     print(f"saved {args.out}")
 
 
@@ -124,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     mosaic_gpt.add_argument("out", type=Path, help="directory for the converted language model")
     mosaic_gpt.add_argument("--overwrite", action="store_true")
     mosaic_gpt.set_defaults(run=convert_mosaic_gpt_directory)
+    idefics = sources.add_parser(
+        "idefics",
+        help="a HuggingFaceM4/idefics-* directory (9B, 80B, -instruct) -> an openflamingo checkpoint",
+    )
+    idefics.add_argument("directory", type=Path, help="config.json, *.safetensors, tokenizer as downloaded")
+    idefics.add_argument("out", type=Path, help="directory for the converted checkpoint")
+    idefics.add_argument(
+        "--prompt-format",
+        choices=("auto", "instruct", "few-shot"),
+        default="auto",
+        help="record the -instruct dialogue format or OpenFlamingo's few-shot one (auto: by the directory name)",
+    )
+    idefics.add_argument("--overwrite", action="store_true")
+    idefics.set_defaults(run=convert_idefics_directory)
 
     gen = commands.add_parser("generate", help="answer a prompt about images with a saved model")
     gen.add_argument("--checkpoint", type=Path, required=True)
@@ -152,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--include-backbones", action="store_true", help="store LM and vision weights too")
     exporter.add_argument("--overwrite", action="store_true")
     exporter.set_defaults(run=export)
+
+    presets = commands.add_parser(
+        "presets", help="the named architectures (OpenFlamingo, IDEFICS) and their sizes"
+    )
+    presets.set_defaults(run=print_presets)
 
     from .data.cli import register as register_data
     from .eval.cli import register as register_eval

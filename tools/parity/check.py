@@ -18,7 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
-from openflamingo.model.convert import convert_open_flamingo_state_dict, load_open_flamingo_state_dict
+from openflamingo.model.convert.openflamingo import (
+    convert_open_flamingo_state_dict,
+    load_open_flamingo_state_dict,
+)
 
 TOLERANCE = {
     "max_abs_logit_diff": 1e-4,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..model.language import add_special_tokens
+from ..model.language import SpecialTokens, add_special_tokens
 from ..model.prompt_format import Message, PromptFormat
 from .samples import Conversation, ImageItem, Sample, TextItem
 
@@ -30,6 +30,9 @@ class FormatConfig:
     max_images: int = 6  # per sample: image chunks beyond it are dropped (converters split them off instead)
     mask_text_before_first_image: bool = True
     prompt_format: PromptFormat = field(default_factory=PromptFormat)  # how conversations are written
+    special_tokens: SpecialTokens = field(
+        default_factory=SpecialTokens
+    )  # the model's own (IDEFICS has others)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 8:
@@ -38,6 +41,8 @@ class FormatConfig:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
         if isinstance(self.prompt_format, dict):  # from a TOML table
             self.prompt_format = PromptFormat(**self.prompt_format)
+        if isinstance(self.special_tokens, dict):
+            self.special_tokens = SpecialTokens(**self.special_tokens)
 
 
 @dataclass
@@ -63,8 +68,12 @@ class SampleFormatter:
     def __init__(self, tokenizer, config: FormatConfig | None = None):
         self.tokenizer = tokenizer
         self.config = config or FormatConfig()
-        ids = add_special_tokens(tokenizer)
+        ids = add_special_tokens(tokenizer, self.config.special_tokens)
         self.media_id, self.end_of_chunk_id, self.pad_id = ids.media, ids.end_of_chunk, ids.pad
+        # IDEFICS writes a token before and after each image: <fake_token_around_image><image><fake_token_...>
+        self.media_ids = (
+            [ids.media] if ids.around_media is None else [ids.around_media, ids.media, ids.around_media]
+        )
         if tokenizer.eos_token_id is None:
             raise ValueError(
                 f"tokenizer {type(tokenizer).__name__} has no eos_token; set one before formatting"
@@ -83,14 +92,16 @@ class SampleFormatter:
         prompt_format = self.config.prompt_format
         messages = [Message(turn.role, turn.text) for turn in conversation.turns]
         rendered = prompt_format.render(messages, self.tokenizer)
-        encoded = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+        text, answer_spans = self.config.special_tokens.model_text_and_spans(
+            rendered.text, rendered.answer_spans
+        )
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids: list[int] = list(encoded["input_ids"])
         trained = [
-            any(start <= begin < end for start, end in rendered.answer_spans)
-            for begin, _ in encoded["offset_mapping"]
+            any(start <= begin < end for start, end in answer_spans) for begin, _ in encoded["offset_mapping"]
         ]
         labels = [
-            IGNORE_INDEX if t == self.media_id or not on else t
+            IGNORE_INDEX if t in self.media_ids or not on else t
             for t, on in zip(input_ids, trained, strict=True)
         ]
         if prompt_format.kind == "flamingo":  # the chat template writes its own BOS and end of turn
@@ -101,6 +112,7 @@ class SampleFormatter:
         num_images = input_ids.count(self.media_id)
         if num_images > self.config.max_images:
             cut = [i for i, t in enumerate(input_ids) if t == self.media_id][self.config.max_images]
+            cut -= len(self.media_ids) > 1  # with the token written before it
             input_ids, labels, num_images, truncated = (
                 input_ids[:cut],
                 labels[:cut],
@@ -142,7 +154,7 @@ class SampleFormatter:
         kept: list[tuple[list[int], list[bool]]] = []
         used = len(prefix_ids)
         for ids, trained in usable:
-            cost = len(ids) + 2  # <image> ... <|endofchunk|>
+            cost = len(ids) + len(self.media_ids) + 1  # <image> ... <|endofchunk|>
             if used + cost > budget:
                 break
             kept.append((ids, trained))
@@ -155,17 +167,18 @@ class SampleFormatter:
             # Not even the first image chunk fits: keep the end of the prefix (nearest the image) in what the chunk
             # leaves, and if the chunk alone is too long, cut its text but keep <image>, <|endofchunk|> and EOS.
             ids, trained = usable[0]
-            room = max(budget - 2, 1)
+            marks = len(self.media_ids) + 1
+            room = max(budget - marks, 1)
             ids, trained = ids[:room], trained[:room]
-            keep_prefix = max(budget - len(ids) - 2, 0)
+            keep_prefix = max(budget - len(ids) - marks, 0)
             start = len(prefix_ids) - keep_prefix
             prefix_ids, prefix_trained = prefix_ids[start:], prefix_trained[start:]
             kept = [(ids, trained)]
         input_ids = [*self.leading_ids, *prefix_ids]
         labels = [IGNORE_INDEX] * len(self.leading_ids) + _labels(prefix_ids, prefix_trained)
         for ids, trained in kept:
-            input_ids += [self.media_id, *ids, self.end_of_chunk_id]
-            labels += [IGNORE_INDEX, *_labels(ids, trained), self.end_of_chunk_id]
+            input_ids += [*self.media_ids, *ids, self.end_of_chunk_id]
+            labels += [IGNORE_INDEX] * len(self.media_ids) + [*_labels(ids, trained), self.end_of_chunk_id]
         input_ids.append(self.eos_id)
         labels.append(self.eos_id)
         return TokenizedSample(input_ids, labels, len(kept), truncated)

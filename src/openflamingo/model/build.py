@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import FlamingoConfig
-from .convert_mpt import add_qk_layernorm, is_remote_code_mpt, load_mpt_with_qk_layernorm, uses_qk_layernorm
+from .convert.mpt import add_qk_layernorm, is_remote_code_mpt, load_mpt_with_qk_layernorm, uses_qk_layernorm
 from .flamingo import Flamingo
 from .lora import inject_lora
 from .vision import build_vision_encoder
@@ -43,7 +43,7 @@ def build_language_model(config: FlamingoConfig):
                 f"{lm_dir} holds MosaicML remote code; convert it first: openflamingo convert mosaic-gpt {lm_dir} OUT"
             )
         if uses_qk_layernorm(json.loads((lm_dir / "config.json").read_text())):
-            lm = load_mpt_with_qk_layernorm(lm_dir)  # an option transformers' MPT lacks (convert_mpt.py)
+            lm = load_mpt_with_qk_layernorm(lm_dir)  # an option transformers' MPT lacks (convert/mpt.py)
         else:
             lm = AutoModelForCausalLM.from_pretrained(lm_dir)
     tokenizer_source = config.tokenizer or lm_dir
@@ -78,12 +78,12 @@ def _declares_pad_token(directory) -> bool:
 def build_flamingo(config: FlamingoConfig, seed: int | None = None) -> Flamingo:
     """A Flamingo model with frozen backbones and freshly initialised new parts (seeded when `seed` is given).
 
-    With `config.init_from` every weight of that checkpoint is loaded instead (strictly); LoRA adapters are added
-    after the weights they adapt are in place."""
+    Building only: a config that starts from saved weights (`init_from`) goes to `checkpoint.build_or_load`."""
     if config.init_from is not None:
-        from .checkpoint import load
-
-        return load(config.init_from, config=config, seed=seed)
+        raise ValueError(
+            f"init_from={config.init_from!r}: build_flamingo builds fresh models; start from saved weights with "
+            "openflamingo.build_or_load(config) or openflamingo.load(directory, config=config)"
+        )
     lm, tokenizer = build_language_model(config)
     vision = build_vision_encoder(config.vision).eval()
     if seed is not None:

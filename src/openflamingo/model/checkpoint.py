@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .build import build_flamingo
 from .config import FlamingoConfig
+from .files import atomic_directory
 from .flamingo import Flamingo
 from .lora import ADAPTER_DIR, inject_lora, is_lora_key, load_adapter, plain_key, save_adapter
 
@@ -73,6 +71,8 @@ def _self_contained(model: Flamingo, include_backbones: bool) -> FlamingoConfig:
 def save_pretrained(
     model: Flamingo, directory: str | Path, include_backbones: bool = False, overwrite: bool = False
 ):
+    """Write `model` to `directory` (config.json, model.safetensors, tokenizer/, adapter/ with LoRA), atomically;
+    `load(directory)` rebuilds it. An existing directory is replaced only with `overwrite=True`."""
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
@@ -96,22 +96,6 @@ def save_pretrained(
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
-
-
-@contextmanager
-def atomic_directory(directory: Path) -> Iterator[Path]:
-    """A temporary sibling of `directory` to write into, renamed to `directory` (replacing it) once the block
-    completes: a crash never leaves half a directory."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        yield tmp
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_config(directory: str | Path) -> dict:
@@ -149,7 +133,9 @@ def load(
         )
     model = build_flamingo(dataclasses.replace(config, lora=None), seed=seed)
     saved_ids = meta.get("special_token_ids", {})
-    if saved_ids and saved_ids != dataclasses.asdict(model.special_ids):
+    # Checkpoints saved before a field existed lack it (around_media): compare what they recorded.
+    current = dataclasses.asdict(model.special_ids)
+    if saved_ids and any(current.get(name) != value for name, value in saved_ids.items()):
         raise ValueError(
             f"{directory}: tokenizer special ids {dataclasses.asdict(model.special_ids)} != saved {saved_ids}"
         )
@@ -165,6 +151,14 @@ def load(
             load_adapter(model.language_model, directory / ADAPTER_DIR)
     model.config = config
     return model.to(map_location)
+
+
+def build_or_load(config: FlamingoConfig, seed: int | None = None) -> Flamingo:
+    """The model a run starts from: with `config.init_from`, every weight of that checkpoint (loaded strictly,
+    LoRA adapters added after the weights they adapt); otherwise a fresh `build_flamingo(config, seed)`."""
+    if config.init_from is not None:
+        return load(config.init_from, config=config, seed=seed)
+    return build_flamingo(config, seed=seed)
 
 
 ARCHITECTURE_FREE = ("train_language_model", "train_vision_encoder", "train_language_model_layers", "lora")

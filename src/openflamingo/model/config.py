@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cross_attention import CrossAttentionConfig
+from .language import SpecialTokens
 from .lora import LoraSettings
 from .perceiver import PerceiverConfig
+from .presets import with_preset
 from .prompt_format import PromptFormat
 from .vision import VisionConfig
 
@@ -36,6 +38,7 @@ class FlamingoConfig:
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     decoder_layers_path: str | None = None  # found automatically for common LMs
+    special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
     train_language_model: bool = False
     train_vision_encoder: bool = False
     # Fine-tuning: decoder layers of the LM trained in full (by index), and LoRA adapters on the LM (peft).
@@ -68,7 +71,8 @@ class FlamingoConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlamingoConfig:
-        data = dict(data)
+        """From a recipe's model section or a saved config; `preset` names an architecture to start from."""
+        data = with_preset(dict(data))
         nested = {
             "vision": VisionConfig.from_dict(data.pop("vision", {"kind": "efficientnet_lite0"})),
             "perceiver": dataclass_from_dict(PerceiverConfig, data.pop("perceiver", {}), "perceiver"),
@@ -77,6 +81,9 @@ class FlamingoConfig:
             ),
             "prompt_format": dataclass_from_dict(
                 PromptFormat, data.pop("prompt_format", {}), "prompt_format"
+            ),
+            "special_tokens": dataclass_from_dict(
+                SpecialTokens, data.pop("special_tokens", {}), "special_tokens"
             ),
         }
         lora = data.pop("lora", None)

@@ -1,7 +1,7 @@
 """The Flamingo model: frozen vision encoder -> perceiver resampler -> gated cross-attention into a frozen HF LM.
 
 The LM keeps its class and modules. Forward pre-hooks run a gated cross-attention block on the hidden states entering
-every `every_n_layers`-th decoder layer; they read the visual tokens from a `MediaContext` that exists only for the
+the decoder layers `config.cross_attention` places them before; they read the visual tokens from a `MediaContext` that exists only for the
 duration of one forward or one `generate` call, so nothing is left behind in the layers.
 """
 
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FlamingoConfig
-from .cross_attention import GatedCrossAttentionBlock, media_attention_mask
+from .cross_attention import GatedCrossAttentionBlock, blank_after_end_of_sequence, media_attention_mask
+from .inputs import check_inputs, check_logits_at
 from .language import (
     AddedTokenEmbeddings,
     add_special_tokens,
@@ -49,6 +50,8 @@ class MediaContext:
     media_mask: torch.Tensor | None = None
     # (B,) image index (1-based, 0 = none) of the last token processed, for cached continuation.
     images_seen: torch.Tensor | None = None
+    # (B,) whether an end-of-sequence token came after that image (cross_attention.media_ends_at_eos).
+    eos_since_image: torch.Tensor | None = None
     # The caller already checked that no token refers to a missing image (skips a device sync per call).
     validated: bool = False
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -64,6 +67,8 @@ class MediaContext:
         self.visual_tokens = self.visual_tokens.repeat_interleave(repeats, dim=0)
         if self.images_seen is not None:
             self.images_seen = self.images_seen.repeat_interleave(repeats, dim=0)
+        if self.eos_since_image is not None:
+            self.eos_since_image = self.eos_since_image.repeat_interleave(repeats, dim=0)
         self.keys_values.clear()
 
 
@@ -102,23 +107,22 @@ class Flamingo(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        self.special_ids = add_special_tokens(tokenizer)
+        self.special_ids = add_special_tokens(tokenizer, config.special_tokens)
         self.vision_encoder = vision_encoder
         self.perceiver = PerceiverResampler(vision_encoder.dim, config.perceiver)
         self.language_model = language_model
         self.decoder_layers_path, layers = find_decoder_layers(language_model, config.decoder_layers_path)
-        every = config.cross_attention.every_n_layers
         lm_dim = hidden_size(language_model.config)
         self.cross_attn_blocks = nn.ModuleDict(
             {
                 str(i): GatedCrossAttentionBlock(lm_dim, vision_encoder.dim, config.cross_attention)
-                for i in range(len(layers))
-                if (i + 1) % every == 0
+                for i in config.cross_attention.block_layers(len(layers))
             }
         )
         if not self.cross_attn_blocks:
             raise ValueError(
-                f"cross_attention.every_n_layers={every} leaves no block in a {len(layers)}-layer LM"
+                f"cross_attention.every_n_layers={config.cross_attention.every_n_layers} leaves no block in a "
+                f"{len(layers)}-layer LM"
             )
         self.added_tokens = AddedTokenEmbeddings(language_model, self.special_ids)
         self.vocab_size = self.special_ids.first_added + self.special_ids.num_added
@@ -177,6 +181,13 @@ class Flamingo(nn.Module):
         if not (ctx.validated or decoding) and int(text_time.max()) > num_media:
             raise ValueError(f"input has more <image> tokens than images ({num_media} per sample)")
         ctx.images_seen = text_time[:, -1]
+        if self.config.cross_attention.media_ends_at_eos:
+            is_eos = input_ids == self.tokenizer.eos_token_id
+            if ctx.prompt_length is not None:  # generated tokens keep seeing what the prompt's last token saw
+                is_eos[:, max(ctx.prompt_length - num_cached, 0) :] = False
+            carried = ctx.eos_since_image if num_cached > 0 else None
+            blank, ctx.eos_since_image = blank_after_end_of_sequence(is_media, is_eos, carried)
+            text_time = text_time.masked_fill(blank, 0)
         ctx.media_mask = media_attention_mask(
             text_time,
             media_floor,
@@ -219,12 +230,6 @@ class Flamingo(nn.Module):
         if not self.config.train_vision_encoder:
             self.vision_encoder.eval()
         return self
-
-    def save_pretrained(self, directory, include_backbones: bool = False, overwrite: bool = False):
-        """config.json + model.safetensors (+ tokenizer); see openflamingo.model.checkpoint."""
-        from .checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, include_backbones=include_backbones, overwrite=overwrite)
 
     @contextmanager
     def media(
@@ -304,7 +309,7 @@ class Flamingo(nn.Module):
         if logits_at is not None and labels is not None:
             raise ValueError("pass labels or logits_at, not both: the loss needs the logits at every label")
         if logits_at is not None:
-            _check_logits_at(logits_at, input_ids)
+            check_logits_at(logits_at, input_ids)
         lm_kwargs = {"input_ids": input_ids, "use_cache": False}
         if document_ids is None:
             lm_kwargs["attention_mask"] = attention_mask
@@ -357,6 +362,9 @@ class Flamingo(nn.Module):
         self.check_inputs(input_ids, images, attention_mask, num_images)
         generate_kwargs.setdefault("eos_token_id", self.stop_token_ids())
         generate_kwargs.setdefault("pad_token_id", self.special_ids.pad)
+        longer = [text for text in self.stop_strings() if text not in self.tokenizer.get_vocab()]
+        if longer and "stop_strings" not in generate_kwargs:  # HF matches text spread over several tokens
+            generate_kwargs.update(stop_strings=longer, tokenizer=self.tokenizer)
         lm_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
         with self._config_vocab_includes_added_tokens():
             if images is None:
@@ -364,9 +372,16 @@ class Flamingo(nn.Module):
             with self.media(self.encode_images(images, num_images), prompt_length=input_ids.shape[1]):
                 return self.language_model.generate(**lm_kwargs)
 
+    def stop_strings(self) -> list[str]:
+        """Where answers end in this model's prompt format, as text: its end of chunk (OpenFlamingo's
+        <|endofchunk|>), or the chat template's end of turn, and the format's own `stop` strings."""
+        end_of_chunk = self.config.special_tokens.end_of_chunk
+        return self.config.prompt_format.stop_strings(self.tokenizer, end_of_chunk)
+
     def stop_token_ids(self) -> list[int]:
-        """Where answers end in this model's prompt format: <|endofchunk|>, or the chat template's end of turn."""
-        return self.tokenizer.convert_tokens_to_ids(self.config.prompt_format.stop_strings(self.tokenizer))
+        """The ids of the stop strings that are single tokens."""
+        vocab = self.tokenizer.get_vocab()
+        return [vocab[text] for text in self.stop_strings() if text in vocab]
 
     @contextmanager
     def _config_vocab_includes_added_tokens(self) -> Iterator[None]:
@@ -387,83 +402,5 @@ class Flamingo(nn.Module):
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
     def check_inputs(self, input_ids, images, attention_mask, num_images, image_features=None) -> None:
-        """Clear errors for inputs that would otherwise fail deep inside or silently ignore images."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be an integer tensor (B, L); got {_describe(input_ids)}")
-        # One device-to-host transfer for the data-dependent checks below.
-        low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
-        if low < 0 or high >= self.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {self.vocab_size}); got [{low}, {high}]")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
-        media_counts = (input_ids == self.special_ids.media).sum(1).cpu()
-        if images is not None and image_features is not None:
-            raise ValueError("pass images or image_features (precomputed vision-encoder tokens), not both")
-        if images is None and image_features is None:
-            if int(media_counts.max()) > 0:
-                raise ValueError("input_ids contain <image> tokens but no images were given")
-            return
-        if images is not None:
-            if not isinstance(images, torch.Tensor) or images.ndim != 6 or not images.is_floating_point():
-                raise ValueError(
-                    f"images must be a float tensor (B, T_img, F, C, H, W); got {_describe(images)}"
-                )
-            if images.shape[0] != input_ids.shape[0] or images.shape[3] != 3:
-                raise ValueError(
-                    f"images shape {tuple(images.shape)} does not fit input_ids {tuple(input_ids.shape)}: "
-                    "need B equal and C = 3"
-                )
-        else:
-            self._check_image_features(image_features, input_ids)
-        B, T = (images if images is not None else image_features).shape[:2]
-        expected = (
-            torch.full((B,), T) if num_images is None else torch.as_tensor(num_images).reshape(-1).cpu()
-        )
-        if expected.shape[0] != B or int(expected.max()) > T or int(expected.min()) < 0:
-            raise ValueError(
-                f"num_images must hold B={B} counts between 0 and T_img={T}; got {expected.tolist()}"
-            )
-        mismatched = (media_counts != expected).nonzero()
-        if len(mismatched):
-            b = int(mismatched[0])
-            have, want = int(media_counts[b]), int(expected[b])
-            if have > want:
-                raise ValueError(f"sample {b} has {have} <image> tokens but only {want} images")
-            if have < want:
-                raise ValueError(
-                    f"sample {b} has {have} <image> tokens for {want} images, so images {have + 1}..{want} would be "
-                    "ignored; pass num_images=[...] when the image tensor is padded"
-                )
-
-    def _check_image_features(self, features, input_ids) -> None:
-        if not isinstance(features, torch.Tensor) or features.ndim != 5 or not features.is_floating_point():
-            raise ValueError(
-                "image_features must be a float tensor (B, T_img, F, num_tokens, D_vis) of vision-encoder tokens; "
-                f"got {_describe(features)}"
-            )
-        encoder = (self.vision_encoder.num_tokens, self.vision_encoder.dim)
-        if features.shape[0] != input_ids.shape[0] or tuple(features.shape[3:]) != encoder:
-            raise ValueError(
-                f"image_features shape {tuple(features.shape)} does not fit input_ids {tuple(input_ids.shape)} and "
-                f"this model's vision encoder: need B equal and (num_tokens, D_vis) = {encoder}"
-            )
-
-
-def _check_logits_at(logits_at: torch.Tensor, input_ids: torch.Tensor) -> None:
-    if logits_at.dtype == torch.bool:
-        if tuple(logits_at.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"logits_at shape {tuple(logits_at.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
-    elif logits_at.ndim != 1 or logits_at.is_floating_point():
-        raise ValueError(
-            f"logits_at must be a (B, L) bool mask or (N,) flat indices; got {_describe(logits_at)}"
-        )
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
+        """Clear errors for inputs that would otherwise fail deep inside or silently ignore images (`inputs.py`)."""
+        check_inputs(self, input_ids, images, attention_mask, num_images, image_features)

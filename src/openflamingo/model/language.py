@@ -8,7 +8,8 @@ special tokens their own trainable rows) and its output embeddings (to append th
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,64 @@ def find_decoder_layers(lm: nn.Module, path: str | None = None) -> tuple[str, nn
     )
 
 
+@dataclass
+class SpecialTokens:
+    """Flamingo's own tokens, by text. OpenFlamingo adds `<|endofchunk|>` and `<image>` (and `<PAD>` when the tokenizer
+    has no pad token); IDEFICS' tokenizer already holds `<fake_token_around_image>` and `<image>`, and its documents end
+    with the LM's EOS. The `added` tokens are the last ids of the vocabulary, each with its own trainable embedding
+    row and logit (AddedTokenEmbeddings), in this order."""
+
+    media: str = MEDIA_TOKEN  # where each image goes
+    end_of_chunk: str = END_OF_CHUNK_TOKEN  # closes the text that belongs to an image
+    added: list[str] = field(default_factory=lambda: [END_OF_CHUNK_TOKEN, MEDIA_TOKEN])
+    pad: str = PAD_TOKEN  # added (as the last id) when the tokenizer has no pad token
+    around_media: str | None = None  # IDEFICS: written before and after each run of images
+
+    def __post_init__(self) -> None:
+        self.added = list(self.added)
+        if self.media not in self.added:
+            raise ValueError(f"special_tokens.added={self.added} must include the media token {self.media!r}")
+        if self.around_media is not None and self.around_media not in self.added:
+            raise ValueError(
+                f"special_tokens.added={self.added} must include around_media {self.around_media!r}"
+            )
+
+    def model_text(self, text: str) -> str:
+        """Text in the library's convention (`<image>` where each image goes, `<|endofchunk|>` closing its text, as
+        prompt formats, eval templates and data write it) in this model's own tokens."""
+        if self.end_of_chunk != END_OF_CHUNK_TOKEN:
+            text = text.replace(END_OF_CHUNK_TOKEN, self.end_of_chunk)
+        if self.media != MEDIA_TOKEN:
+            text = text.replace(MEDIA_TOKEN, self.media)
+        if self.around_media is not None:
+            text = self._wrap_image_runs(text)
+        return text
+
+    def _wrap_image_runs(self, text: str) -> str:
+        """One around_media before and after each run of images, as IDEFICS' processor writes them; a run already
+        wrapped (model text given again) comes out the same."""
+        around, media = re.escape(self.around_media), re.escape(self.media)
+
+        def wrap(run: re.Match) -> str:
+            count = run.group(0).count(self.media)
+            return self.around_media + self.around_media.join([self.media] * count) + self.around_media
+
+        return re.sub(f"(?:{around})?{media}(?:(?:{around})?{media})*(?:{around})?", wrap, text)
+
+    def model_text_and_spans(
+        self, text: str, spans: list[tuple[int, int]]
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """`model_text`, with [start, end) spans of `text` moved to where they land in the result."""
+        out, moved, cursor = "", [], 0
+        for start, end in spans:
+            out += self.model_text(text[cursor:start])
+            begin = len(out)
+            out += self.model_text(text[start:end])
+            moved.append((begin, len(out)))
+            cursor = end
+        return out + self.model_text(text[cursor:]), moved
+
+
 @dataclass(frozen=True)
 class SpecialTokenIds:
     media: int
@@ -83,29 +142,39 @@ class SpecialTokenIds:
     pad: int
     first_added: int  # ids >= first_added are Flamingo's own tokens, embedded by AddedTokenEmbeddings
     num_added: int
+    around_media: int | None = None
 
 
-def add_special_tokens(tokenizer) -> SpecialTokenIds:
-    """Add `<|endofchunk|>`, `<image>` (and `<PAD>` if the tokenizer has no pad token), as OpenFlamingo does.
+def add_special_tokens(tokenizer, tokens: SpecialTokens | None = None) -> SpecialTokenIds:
+    """Add the model's own tokens to `tokenizer` (OpenFlamingo's by default), as OpenFlamingo does.
 
     Idempotent: a tokenizer that already holds them (e.g. one saved with a checkpoint) is validated instead.
     """
+    tokens = tokens or SpecialTokens()
     vocab = tokenizer.get_vocab()
-    if MEDIA_TOKEN not in vocab or END_OF_CHUNK_TOKEN not in vocab:
-        tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK_TOKEN, MEDIA_TOKEN]})
+    missing = [token for token in tokens.added if token not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
     if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    media = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
-    end_of_chunk = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
+        tokenizer.add_special_tokens({"pad_token": tokens.pad})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokens.added}
+    end_of_chunk = tokenizer.convert_tokens_to_ids(tokens.end_of_chunk)
+    unknown = end_of_chunk == tokenizer.unk_token_id and tokens.end_of_chunk != tokenizer.unk_token
+    if end_of_chunk is None or unknown:
+        raise ValueError(
+            f"special_tokens.end_of_chunk={tokens.end_of_chunk!r} is not a token of this tokenizer"
+        )
     pad = tokenizer.pad_token_id
-    added = {media, end_of_chunk} | ({pad} if tokenizer.pad_token == PAD_TOKEN else set())
+    added = set(ids.values()) | ({pad} if tokenizer.pad_token == tokens.pad else set())
     first_added = min(added)
     if added != set(range(first_added, len(tokenizer))):
+        listed = ", ".join(f"{token}={i}" for token, i in ids.items())
         raise ValueError(
-            f"tokenizer special tokens {END_OF_CHUNK_TOKEN}={end_of_chunk}, {MEDIA_TOKEN}={media}, pad={pad} must be the "
-            f"last ids of its vocabulary (size {len(tokenizer)}); add them to a tokenizer that has no other added tokens"
+            f"tokenizer special tokens {listed}, pad={pad} must be the last ids of its vocabulary (size "
+            f"{len(tokenizer)}); add them to a tokenizer that has no other added tokens"
         )
-    return SpecialTokenIds(media, end_of_chunk, pad, first_added, len(added))
+    around = None if tokens.around_media is None else ids[tokens.around_media]
+    return SpecialTokenIds(ids[tokens.media], end_of_chunk, pad, first_added, len(added), around)
 
 
 class AddedTokenEmbeddings(nn.Module):

@@ -3,6 +3,7 @@
 Follows Flamingo (Alayrac et al. 2022, Sec. 2.1) as OpenFlamingo implements it: the latents attend over the
 concatenation `[media tokens; latents]`, each layer adds attention then a GELU feed-forward residually, and a final
 LayerNorm closes the stack. Video frames get learned frame embeddings before their tokens are flattened together.
+IDEFICS' perceiver is the same with a ReLU feed-forward and, optionally, per-head LayerNorms on queries and keys.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import Activation, FeedForward, check_choices
 
 
 @dataclass
@@ -25,23 +28,15 @@ class PerceiverConfig:
     # OpenFlamingo draws the latents from N(0, 1). Latents that large swamp the image-dependent part of the first
     # layer's output; a small std (0.02, as in the Perceiver paper) lets a short run learn from the images.
     latent_init_std: float = 1.0
+    activation: Activation = "gelu"  # of the feed-forward
+    qk_norm: bool = False  # a LayerNorm over each head's queries and keys
 
-
-class FeedForward(nn.Module):
-    """LayerNorm -> Linear -> GELU -> Linear, no biases in the projections (shared by perceiver and cross-attn)."""
-
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, dim * mult, bias=False)
-        self.fc2 = nn.Linear(dim * mult, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+    def __post_init__(self) -> None:
+        check_choices(self, "perceiver")
 
 
 class PerceiverAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, qk_norm: bool = False):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
         inner = heads * dim_head
@@ -50,6 +45,8 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.q_norm = nn.LayerNorm(dim_head) if qk_norm else None
+        self.k_norm = nn.LayerNorm(dim_head) if qk_norm else None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, n, h*d) -> (B, T, h, n, d)
         return x.unflatten(-1, (self.heads, self.dim_head)).transpose(-3, -2)
@@ -59,15 +56,18 @@ class PerceiverAttention(nn.Module):
         media, latents = self.norm_media(media), self.norm_latents(latents)
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([media, latents], dim=-2)).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(*(self._split_heads(t) for t in (q, k, v)))
+        q, k, v = (self._split_heads(t) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(-3, -2).flatten(-2))
 
 
 class PerceiverLayer(nn.Module):
     def __init__(self, dim: int, cfg: PerceiverConfig):
         super().__init__()
-        self.attn = PerceiverAttention(dim, cfg.heads, cfg.dim_head)
-        self.ff = FeedForward(dim, cfg.ff_mult)
+        self.attn = PerceiverAttention(dim, cfg.heads, cfg.dim_head, cfg.qk_norm)
+        self.ff = FeedForward(dim, dim * cfg.ff_mult, cfg.activation)
 
 
 class PerceiverResampler(nn.Module):

@@ -5,8 +5,10 @@ part of the model config, so a checkpoint records the format it was trained with
 `eval` and `serve` all render conversations the same way.
 
 - `flamingo`: `template` is one exchange, e.g. "Question:{question} Short answer:{answer}". A user turn's leading
-  images come first ("<image>Question:..."), the assistant's answer replaces `{answer}` and is closed by
-  `<|endofchunk|>` (where OpenFlamingo's few-shot prompts close each demonstration).
+  images come first ("<image>Question:...", or where the template writes `{images}`: IDEFICS-instruct's
+  "User:{images}{question}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n"), the assistant's answer
+  replaces `{answer}` and is closed by `<|endofchunk|>` (where OpenFlamingo's few-shot prompts close each
+  demonstration), or by `answer_end`. `stop` adds strings an answer also ends at.
 - `chat`: the tokenizer's chat template renders the turns, images staying where the user put them.
 
 `render` also returns where each assistant turn is in the text: the spans a model is trained to produce.
@@ -42,18 +44,31 @@ class PromptFormat:
     kind: str = "flamingo"  # "flamingo" | "chat"
     template: str = OPENFLAMINGO_VQA  # flamingo: one exchange, with {question} and {answer}
     system: str | None = None  # a system message put first when the conversation has none
+    # More strings where answers end (the model's own come first).
+    stop: list[str] = field(default_factory=list)
+    # flamingo kind: what closes each answer after the template's text; None: the model's end of chunk. IDEFICS-instruct
+    # closes answers with <end_of_utterance> in its template and nothing else: an end of sequence there would hide
+    # the image from the next turn.
+    answer_end: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"prompt_format.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         fields = [name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None]
-        if sorted(fields) != ["answer", "question"]:
+        if sorted(set(fields) - {"images"}) != ["answer", "question"] or len(fields) != len(set(fields)):
             raise ValueError(
-                f"prompt_format.template {self.template!r} must use {{question}} and {{answer}} once each, "
-                "and nothing else"
+                f"prompt_format.template {self.template!r} must use {{question}} and {{answer}} once each "
+                "(and {images} at most once), and nothing else"
             )
+        self.stop = list(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"prompt_format.stop={self.stop!r} must list non-empty strings")
         if self.template.index("{answer}") < self.template.index("{question}"):
             raise ValueError(f"prompt_format.template {self.template!r}: {{answer}} must follow {{question}}")
+        if self.template.find("{images}") > self.template.index("{answer}"):
+            raise ValueError(
+                f"prompt_format.template {self.template!r}: {{images}} must come before {{answer}}"
+            )
         if MEDIA in self.template:
             raise ValueError(
                 f"prompt_format.template {self.template!r}: leave out {MEDIA}; a turn's images go before it"
@@ -71,15 +86,16 @@ class PromptFormat:
             return self._render_flamingo(messages)
         return self._render_chat(messages, tokenizer, add_generation_prompt)
 
-    def stop_strings(self, tokenizer=None) -> list[str]:
-        """Where an answer ends: the token generation stops at."""
+    def stop_strings(self, tokenizer=None, end_of_chunk: str = END_OF_CHUNK) -> list[str]:
+        """Where an answer ends, in the model's text (`end_of_chunk` is its own; see SpecialTokens)."""
         if self.kind == "flamingo":
-            return [END_OF_CHUNK]
+            closing = [end_of_chunk] if self.answer_end is None else [self.answer_end] * bool(self.answer_end)
+            return list(dict.fromkeys([*closing, *self.stop]))
         if tokenizer is None or tokenizer.eos_token is None:
             raise ValueError(
                 "the chat prompt format needs a tokenizer with an eos_token to know where answers end"
             )
-        return [tokenizer.eos_token, END_OF_CHUNK]
+        return list(dict.fromkeys([tokenizer.eos_token, end_of_chunk, *self.stop]))
 
     # ----- the two kinds ---------------------------------------------------------------------------------------
     def _exchange_parts(self) -> tuple[str, str, str]:
@@ -102,10 +118,14 @@ class PromptFormat:
                 leading = re.match(rf"(?:{re.escape(MEDIA)}\s*)*", body).group(0)
                 images = leading.count(MEDIA)
                 question = body[len(leading) :].strip()
-                text += MEDIA * images + user_part.format(question=question)
+                if "{images}" in user_part:
+                    text += user_part.format(question=question, images=MEDIA * images)
+                else:
+                    text += MEDIA * images + user_part.format(question=question)
             else:
                 start = len(text)
-                text += lead + message.text.strip() + after + END_OF_CHUNK
+                closing = END_OF_CHUNK if self.answer_end is None else self.answer_end
+                text += lead + message.text.strip() + after + closing
                 spans.append((start, len(text)))
         return RenderedPrompt(text, spans)
 

@@ -2,7 +2,7 @@
 
 Kinds:
 - hf_clip: transformers CLIPVisionModel; the last layer's patch tokens without CLS and without post_layernorm
-  (what OpenFlamingo's released weights were trained on).
+  (what OpenFlamingo's released weights were trained on; `keep_cls` keeps the CLS token first, as IDEFICS does).
 - hf_siglip: transformers SiglipVisionModel; all patch tokens after SigLIP's post_layernorm.
 - open_clip: an open_clip ViT rebuilt as an HF CLIP vision tower (see open_clip.py), so open_clip is never needed.
 - efficientnet_lite0: the packaged ImageNet EfficientNet-Lite0; its final feature map as tokens.
@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -57,11 +57,23 @@ class VisionConfig:
     # efficientnet_lite0 only: TF's eval transform keeps the centre size/(size+crop_padding) of the shorter side
     # (default 32, as in TF); 0 keeps the whole image, for images whose content reaches the border (easy-VQA).
     crop_padding: int | None = None
+    # CLIP towers (hf_clip, open_clip) only: keep the CLS token before the patch tokens (IDEFICS), and how an image
+    # becomes a square: "crop" (resize the shorter side, centre crop; CLIP's own) or "squash" (resize both sides,
+    # ignoring the aspect ratio; IDEFICS' processor).
+    keep_cls: bool = False
+    resize: Literal["crop", "squash"] = "crop"
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
             raise ValueError(
                 f"vision.kind={self.kind!r} is not known; expected one of {', '.join(VISION_KINDS)}"
+            )
+        if self.resize not in ("crop", "squash"):
+            raise ValueError(f"vision.resize={self.resize!r} is not known; expected 'crop' or 'squash'")
+        clip = self.kind in ("hf_clip", "open_clip")
+        if (self.keep_cls or self.resize != "crop") and not clip:
+            raise ValueError(
+                f"vision.keep_cls and vision.resize are for the CLIP kinds (hf_clip, open_clip), not {self.kind!r}"
             )
         if self.image_size is not None and (self.kind != "efficientnet_lite0" or self.image_size < 32):
             raise ValueError(
@@ -95,11 +107,22 @@ class VisionConfig:
             "feature_stages": stages,
             "image_size": self.image_size,
             "crop_padding": self.crop_padding,
+            "keep_cls": self.keep_cls,
+            "resize": self.resize,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
-        known = {"kind", "path", "config", "feature_stages", "image_size", "crop_padding"}
+        known = {
+            "kind",
+            "path",
+            "config",
+            "feature_stages",
+            "image_size",
+            "crop_padding",
+            "keep_cls",
+            "resize",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
@@ -158,9 +181,16 @@ def clip_preprocess(image: Image.Image, size: int, mean: Sequence[float], std: S
     return normalize(to_unit_tensor(image), mean, std)
 
 
-def squash_preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """SigLIP's transform: RGB, resize to (size, size) bilinear ignoring the aspect ratio, normalise."""
-    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+def squash_preprocess(
+    image: Image.Image,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+) -> Tensor:
+    """SigLIP's transform (and, bicubic, IDEFICS'): RGB, resize to (size, size) ignoring the aspect ratio,
+    normalise."""
+    image = image.convert("RGB").resize((size, size), resample)
     return normalize(to_unit_tensor(image), mean, std)
 
 
@@ -216,8 +246,8 @@ class VisionEncoder(nn.Module):
 
 
 class ClipVisionEncoder(VisionEncoder):
-    """An HF CLIP vision tower (hf_clip, and open_clip after conversion): last layer's patch tokens, no CLS,
-    no post_layernorm (CLIP applies that LayerNorm only to the pooled CLS token)."""
+    """An HF CLIP vision tower (hf_clip, and open_clip after conversion): last layer's patch tokens, no CLS (unless
+    `keep_cls`), no post_layernorm (CLIP applies that LayerNorm only to the pooled CLS token)."""
 
     def __init__(
         self,
@@ -225,6 +255,8 @@ class ClipVisionEncoder(VisionEncoder):
         mean: Sequence[float] = OPENAI_CLIP_MEAN,
         std: Sequence[float] = OPENAI_CLIP_STD,
         open_clip_config: dict | None = None,
+        keep_cls: bool = False,
+        resize: str = "crop",
     ):
         super().__init__()
         self.hf_config = model.config
@@ -235,20 +267,24 @@ class ClipVisionEncoder(VisionEncoder):
         config = self.hf_config
         self.dim = config.hidden_size
         self.image_size = config.image_size
-        self.num_tokens = (config.image_size // config.patch_size) ** 2
+        self.keep_cls, self.resize = keep_cls, resize
+        self.num_tokens = (config.image_size // config.patch_size) ** 2 + keep_cls
         self.mean, self.std = tuple(mean), tuple(std)
 
     def forward(self, pixels: Tensor) -> Tensor:
         hidden = self.vision_model(pixel_values=pixels.to(self._parameter_dtype())).last_hidden_state
-        return hidden[:, 1:]
+        return hidden if self.keep_cls else hidden[:, 1:]
 
     def preprocess_image(self, image: Image.Image) -> Tensor:
+        if self.resize == "squash":
+            return squash_preprocess(image, self.image_size, self.mean, self.std, Image.Resampling.BICUBIC)
         return clip_preprocess(image, self.image_size, self.mean, self.std)
 
     def self_contained_config(self) -> VisionConfig:
+        options = {"keep_cls": self.keep_cls, "resize": self.resize}
         if self.open_clip_config is not None:
-            return VisionConfig("open_clip", config=self.open_clip_config)
-        return VisionConfig("hf_clip", config=self.hf_config.to_dict())
+            return VisionConfig("open_clip", config=self.open_clip_config, **options)
+        return VisionConfig("hf_clip", config=self.hf_config.to_dict(), **options)
 
 
 class SiglipVisionEncoder(VisionEncoder):
@@ -417,7 +453,9 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         encoder: VisionEncoder = ClipVisionEncoder(
-            _load_hf_vision_model(cfg, CLIPVisionModel, CLIPVisionConfig)
+            _load_hf_vision_model(cfg, CLIPVisionModel, CLIPVisionConfig),
+            keep_cls=cfg.keep_cls,
+            resize=cfg.resize,
         )
     elif cfg.kind == "hf_siglip":
         from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -450,6 +488,8 @@ def _build_open_clip_encoder(cfg: VisionConfig) -> ClipVisionEncoder:
         mean=preprocess_cfg.get("mean", OPENAI_CLIP_MEAN),
         std=preprocess_cfg.get("std", OPENAI_CLIP_STD),
         open_clip_config=cfg.config,
+        keep_cls=cfg.keep_cls,
+        resize=cfg.resize,
     )
     if cfg.path is not None:
         converted, _ = convert_open_clip_vision_state_dict(

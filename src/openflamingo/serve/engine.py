@@ -122,6 +122,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.perceiver.parameters()).dtype
         self.stop_token_ids = set(model.stop_token_ids())
+        # The model's stop strings that span several tokens (IDEFICS-instruct's <end_of_utterance>) end answers as
+        # a request's own `stop` strings do.
+        self.stop_texts = [text for text in model.stop_strings() if text not in model.tokenizer.get_vocab()]
         # Decoding on the engine thread while workers encode requests would share the tokenizer's Rust object,
         # which takes no two calls at once (see prepare.TOKENIZER_LOCK): the engine has a copy of its own.
         self.tokenizer = copy.deepcopy(model.tokenizer)
@@ -385,7 +388,13 @@ class Engine:
         answers = [len(job.sampling) for job in jobs]
         part = part.repeat(answers)
         part.rows = [
-            Row(job, i, Completion(self.tokenizer, job.stop, self.stop_token_ids, job.max_tokens))
+            Row(
+                job,
+                i,
+                Completion(
+                    self.tokenizer, [*job.stop, *self.stop_texts], self.stop_token_ids, job.max_tokens
+                ),
+            )
             for job in jobs
             for i in range(len(job.sampling))
         ]

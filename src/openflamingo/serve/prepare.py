@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.language import SpecialTokens
 from ..model.prompt_format import END_OF_CHUNK, MEDIA, Message, PromptFormat
 from .errors import ApiError
 from .images import ImagePolicy, read_image
@@ -60,7 +61,7 @@ def text_budget(model) -> int | None:
 def prepare_prompt(
     model, prompt_format: PromptFormat, conversation: Conversation, policy: ImagePolicy
 ) -> Prompt:
-    text, typed = render(prompt_format, conversation.messages, model.tokenizer)
+    text, typed = render(prompt_format, conversation.messages, model.tokenizer, model.config.special_tokens)
     images = [read_image(url, where, policy) for url, where in conversation.image_urls]
     input_ids = tokenize(model.tokenizer, text, typed)
     slots = input_ids.count(model.special_ids.media)
@@ -81,7 +82,7 @@ def prepare_prompt(
 
 
 def render(
-    prompt_format: PromptFormat, messages: list[Message], tokenizer
+    prompt_format: PromptFormat, messages: list[Message], tokenizer, special_tokens: SpecialTokens
 ) -> tuple[str, list[tuple[int, int]]]:
     """The prompt text, and the [start, end) spans of the control tokens typed in the messages. Each typed one is
     replaced by a marker no one can type (a random nonce) while the format renders, then put back where the marker
@@ -103,6 +104,7 @@ def render(
         text = prompt_format.render(messages, tokenizer, add_generation_prompt=True).text
     except ValueError as error:
         raise ApiError(f"messages: {error}", "messages") from None
+    text = special_tokens.model_text(text)  # before the typed tokens are back: they stay as typed
     out, spans, cursor, length = [], [], 0, 0
     for i, token in enumerate(typed):
         at = text.find(marker(i), cursor)

@@ -234,14 +234,13 @@ def export_final(model: nn.Module, config, directory: Path, dist: Distributed) -
     """`save_pretrained` the trained model (rank 0 writes). Under FSDP the trainable parameters are gathered on rank 0
     and copied into a plain model rebuilt exactly as training built it (same seed, so backbones initialised from a
     config are identical too; frozen weights in the training storage dtype)."""
-    from ..model.build import build_flamingo
-    from ..model.checkpoint import load_strict
+    from ..model.checkpoint import build_or_load, load_strict, save_pretrained
     from .parallelize import cast_frozen, frozen_dtype
 
     flamingo = unwrap(model)
     if not any(hasattr(p, "full_tensor") for p in flamingo.parameters()):  # not sharded
         if dist.is_main:
-            flamingo.save_pretrained(directory, overwrite=True)
+            save_pretrained(flamingo, directory, overwrite=True)
         barrier()
         return directory
     names = trainable_names(model)
@@ -250,12 +249,12 @@ def export_final(model: nn.Module, config, directory: Path, dist: Distributed) -
     if dist.is_main:
         rng = torch.get_rng_state()
         torch.manual_seed(config.train.seed)
-        plain = build_flamingo(config.model, seed=config.train.seed)
+        plain = build_or_load(config.model, seed=config.train.seed)
         torch.set_rng_state(rng)
         cast_frozen(plain, frozen_dtype(config, dist.device))
         load_strict(
             plain, {k: v for k, v in full.items() if k in names}, sorted(names), source="training state"
         )
-        plain.save_pretrained(directory, overwrite=True)
+        save_pretrained(plain, directory, overwrite=True)
     barrier()
     return directory

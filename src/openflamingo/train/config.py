@@ -226,6 +226,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     bad = ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -370,9 +374,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def run_config(data: dict[str, Any]) -> RunConfig:
-    """A checked RunConfig from plain data (a parsed recipe). A model that starts from saved weights
-    (`model.init_from`) takes its architecture from that checkpoint."""
+    """A checked RunConfig from plain data (a parsed recipe). `model.preset` names an architecture the model
+    section starts from; a model that starts from saved weights (`model.init_from`) takes its architecture from that
+    checkpoint."""
     model = data.get("model")
+    if isinstance(model, dict) and "preset" in model:
+        from ..model.presets import with_preset
+
+        model = with_preset(model)
+        data = {**data, "model": model}
     if isinstance(model, dict) and model.get("init_from"):
         from ..model.checkpoint import init_config
 

@@ -51,14 +51,14 @@ def chat_scores(model, config: EvaluateConfig) -> dict[str, float]:
 
 def evaluate_before_training(model_config, config: EvaluateConfig, output_dir: Path) -> dict[str, float]:
     """The starting weights' scores, computed once per run (a resumed run reuses them)."""
-    from ..model.build import build_flamingo
+    from ..model.checkpoint import build_or_load
 
     path = output_dir / "eval" / "before.json"
     if path.is_file():
         return json.loads(path.read_text())
     if config.task != CHAT_TASK:
         raise ValueError(f"evaluate.before: only task {CHAT_TASK!r} scores the starting weights")
-    scores = chat_scores(build_flamingo(model_config), config)
+    scores = chat_scores(build_or_load(model_config), config)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(scores, indent=2) + "\n")
     print(f"{config.task} before training: " + json.dumps(scores))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..model.build import build_flamingo
+from ..model.checkpoint import build_or_load
 from ..model.flamingo import Flamingo
 from ..model.inputs import to_device
 from . import distributed
@@ -141,7 +141,7 @@ def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
     # Same seed on every rank: identical initial weights (DDP/FSDP expect them), including backbones that are
     # randomly initialised from a config (build_flamingo seeds only the new parts).
     torch.manual_seed(tc.seed)
-    model = build_flamingo(config.model, seed=tc.seed).train()
+    model = build_or_load(config.model, seed=tc.seed).train()
     model = parallelize(model, config, dist)
     flamingo = unwrap(model)
     optimizer = build_optimizer(flamingo, tc)

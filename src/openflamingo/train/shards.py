@@ -84,6 +84,7 @@ def build_shard_loader(
                 max_tokens=dataset.seq_len,
                 max_images=dataset.max_images,
                 prompt_format=model.config.prompt_format,
+                special_tokens=model.config.special_tokens,
             ),
             packing=PackingConfig(row_tokens=row_tokens) if row_tokens else None,
             images=limits,

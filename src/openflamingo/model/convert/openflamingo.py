@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .cross_attention import CrossAttentionConfig
-from .flamingo import Flamingo
-from .open_clip import convert_open_clip_vision_state_dict
-from .perceiver import PerceiverConfig
+from ..build import build_flamingo
+from ..config import FlamingoConfig
+from ..cross_attention import CrossAttentionConfig
+from ..flamingo import Flamingo
+from ..open_clip import convert_open_clip_vision_state_dict
+from ..perceiver import PerceiverConfig
 
 # OpenFlamingo's nn.Sequential indices -> our module names
 _PERCEIVER_LAYER = {"0": "attn", "1.0": "ff.norm", "1.1": "ff.fc1", "1.3": "ff.fc2"}
@@ -328,9 +330,7 @@ def convert_open_flamingo_checkpoint(
     decoder_layers_path: str | None = None,
 ) -> tuple[Flamingo, ConversionReport]:
     """Build a Flamingo with the given backbones and the checkpoint's sizes, and load the checkpoint into it."""
-    from ..backbones import resolve_vision_encoder
-    from .build import build_flamingo
-    from .config import FlamingoConfig
+    from ...backbones import resolve_vision_encoder
 
     state = read_open_flamingo_checkpoint(checkpoint)
     perceiver, cross_attention = infer_open_flamingo_hparams(state, heads=heads)

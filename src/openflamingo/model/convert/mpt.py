@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import atomic_directory
+
 # Config fields that only shape training-time initialisation or describe the file: not needed to run the model.
 _INIT_FIELDS = {
     "emb_init_std",
@@ -414,8 +416,6 @@ def convert_mosaic_gpt(
     config["torch_dtype"] = str(weights["transformer.wte.weight"].dtype).removeprefix("torch.")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    from .checkpoint import atomic_directory
-
     with atomic_directory(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(
