@@ -120,8 +120,11 @@ def test_gradient_accumulation_equals_one_bigger_batch(tokenizer_dir, tmp_path):
     small["datasets"] = {"docs": {"batch_size": 2, "seq_len": 24, "max_images": 3}}
     a, b = train(config_of(big)), train(config_of(small))
     assert a.losses == pytest.approx(b.losses, rel=1e-6)
+    # Two half-batch gradients summed differ from one batch's in float rounding; AdamW divides by sqrt(v), which
+    # for a near-zero gradient turns that rounding into up to ~1e-6 of a 3e-3 step (seen once under transformers
+    # 4.57: 1.6e-6 in 1 of 4096). A real accumulation bug moves parameters by the order of the step.
     for name, value in trainable_state(a.model).items():
-        torch.testing.assert_close(b.model.get_parameter(name), value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.model.get_parameter(name), value, rtol=1e-5, atol=1e-5)
 
 
 def test_activation_checkpointing_recomputes_cross_attention_with_identical_gradients(
