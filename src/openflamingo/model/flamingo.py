@@ -362,7 +362,7 @@ class Flamingo(nn.Module):
         self.check_inputs(input_ids, images, attention_mask, num_images)
         generate_kwargs.setdefault("eos_token_id", self.stop_token_ids())
         generate_kwargs.setdefault("pad_token_id", self.special_ids.pad)
-        longer = [text for text in self.stop_strings() if text not in self.tokenizer.get_vocab()]
+        longer = self.multi_token_stops()
         if longer and "stop_strings" not in generate_kwargs:  # HF matches text spread over several tokens
             generate_kwargs.update(stop_strings=longer, tokenizer=self.tokenizer)
         lm_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
@@ -382,6 +382,11 @@ class Flamingo(nn.Module):
         """The ids of the stop strings that are single tokens."""
         vocab = self.tokenizer.get_vocab()
         return [vocab[text] for text in self.stop_strings() if text in vocab]
+
+    def multi_token_stops(self) -> list[str]:
+        """The stop strings that span several tokens (IDEFICS-instruct's <end_of_utterance>): matched as text."""
+        vocab = self.tokenizer.get_vocab()
+        return [text for text in self.stop_strings() if text not in vocab]
 
     @contextmanager
     def _config_vocab_includes_added_tokens(self) -> Iterator[None]:

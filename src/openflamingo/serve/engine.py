@@ -124,7 +124,7 @@ class Engine:
         self.stop_token_ids = set(model.stop_token_ids())
         # The model's stop strings that span several tokens (IDEFICS-instruct's <end_of_utterance>) end answers as
         # a request's own `stop` strings do.
-        self.stop_texts = [text for text in model.stop_strings() if text not in model.tokenizer.get_vocab()]
+        self.stop_texts = model.multi_token_stops()
         # Decoding on the engine thread while workers encode requests would share the tokenizer's Rust object,
         # which takes no two calls at once (see prepare.TOKENIZER_LOCK): the engine has a copy of its own.
         self.tokenizer = copy.deepcopy(model.tokenizer)

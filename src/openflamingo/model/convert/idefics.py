@@ -74,7 +74,6 @@ WHY_IGNORED = {
     "vision_model_name": "the vision tower's weights are in the checkpoint",
     "vision_model_params": "loading options of the original training code; the weights are in the checkpoint",
     "attention_dropout": "must be 0 (checked); openflamingo's blocks have no dropout",
-    "model_type": "checked",
     "architectures": "metadata",
     "transformers_version": "metadata",
     "_name_or_path": "metadata",
@@ -105,7 +104,7 @@ GENERIC = {
     "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens", "finetuning_task", "id2label", "label2id", "tokenizer_class", "prefix",
-    "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type",
+    "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type", "model_type",
 }  # fmt: skip
 
 
@@ -158,11 +157,11 @@ def _check_known(
     path: Path, prefix: str, section: dict, known: set[str], report: IdeficsReport | None
 ) -> None:
     for key in list(section):
-        if key in known or key in ("vision_config", "perceiver_config"):
+        if key in known:
             continue
         if key in WHY_IGNORED or key in GENERIC:
             section.pop(key)
-            if report is not None and key in WHY_IGNORED and key not in ("model_type",):
+            if report is not None and key in WHY_IGNORED:
                 report.ignored[prefix + key] = WHY_IGNORED[key]
             continue
         raise IdeficsError(f"{path}: unknown field {prefix}{key}; this converter knows IDEFICS' fields only")
@@ -337,17 +336,8 @@ def _target(key: str, interval: int) -> tuple[str, str] | None:
     ):
         if key.startswith(prefix):
             return ours + key[len(prefix) :], group
-    simple = {
-        "model.embed_tokens.weight": ("language_model.model.embed_tokens.weight", "language model"),
-        "lm_head.weight": ("language_model.lm_head.weight", "language model"),
-        "model.embed_tokens.additional_embedding.weight": ("added_tokens.input", "added tokens"),
-        "lm_head.additional_fc.weight": ("added_tokens.output", "added tokens"),
-        "model.perceiver_resampler.latents": ("perceiver.latents", "perceiver"),
-        "model.perceiver_resampler.layer_norm.weight": ("perceiver.norm.weight", "perceiver"),
-        "model.perceiver_resampler.layer_norm.bias": ("perceiver.norm.bias", "perceiver"),
-    }
-    if key in simple:
-        return simple[key]
+    if key in DIRECT:
+        return DIRECT[key]
     parts = key.split(".")
     if key.startswith("model.perceiver_resampler.blocks.") and len(parts) >= 7:
         layer, part, rest = parts[3], parts[4], ".".join(parts[5:])
@@ -366,6 +356,16 @@ def _target(key: str, interval: int) -> tuple[str, str] | None:
     return None
 
 
+# IDEFICS keys that map one to one, outside the prefixes and layer patterns below
+DIRECT = {
+    "model.embed_tokens.weight": ("language_model.model.embed_tokens.weight", "language model"),
+    "lm_head.weight": ("language_model.lm_head.weight", "language model"),
+    "model.embed_tokens.additional_embedding.weight": ("added_tokens.input", "added tokens"),
+    "lm_head.additional_fc.weight": ("added_tokens.output", "added tokens"),
+    "model.perceiver_resampler.latents": ("perceiver.latents", "perceiver"),
+    "model.perceiver_resampler.layer_norm.weight": ("perceiver.norm.weight", "perceiver"),
+    "model.perceiver_resampler.layer_norm.bias": ("perceiver.norm.bias", "perceiver"),
+}
 PERCEIVER_ATTENTION = {
     "context_layer_norm": "attn.norm_media",
     "latents_layer_norm": "attn.norm_latents",
