@@ -1,15 +1,22 @@
 """The Flamingo model: frozen vision encoder -> perceiver resampler -> gated cross-attention into a frozen HF LM.
 
 The LM keeps its class and modules. Forward pre-hooks run a gated cross-attention block on the hidden states entering
-the decoder layers `config.cross_attention` places them before; they read the visual tokens from a `MediaContext` that exists only for the
-duration of one forward or one `generate` call, so nothing is left behind in the layers.
+the decoder layers `config.cross_attention` places them before. What the hooks read is per-call state owned by the
+model alone: `_calling` installs it (a `MediaState`, see media.py, and the positions whose logits are wanted) for the
+LM calls of one `forward`, `generate`, `prefill` or `decode_step`, and removes it after, so nothing is left behind in
+the layers and nothing outside the model writes it.
+
+Cached decoding has one path: `prefill` (prompts, in chunks if long) and `decode_step` (generated tokens) keep a
+`DecodeState` (decoding.py) with the cache, mask, positions and media state; the serving engine, /v1/score and the
+evaluation's rank classification all decode through them. `generate` hands the search (greedy, beams, sampling,
+stopping) to HF's `generate`, whose LM calls follow the same media rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -17,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FlamingoConfig
-from .cross_attention import GatedCrossAttentionBlock, blank_after_end_of_sequence, media_attention_mask
+from .cross_attention import GatedCrossAttentionBlock
+from .decoding import DecodeState
 from .inputs import check_inputs, check_logits_at
 from .language import (
     AddedTokenEmbeddings,
@@ -26,7 +34,8 @@ from .language import (
     find_decoder_layers,
     forward_accepts,
 )
-from .packing import document_starts, packed_attention_mask, restart_per_document
+from .media import MediaState
+from .packing import document_starts, packed_attention_mask
 from .perceiver import PerceiverResampler
 from .vision import VisionEncoder
 
@@ -35,41 +44,6 @@ from .vision import VisionEncoder
 class FlamingoOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
-
-
-@dataclass
-class MediaContext:
-    """Visual tokens for one forward/generate call, and what the hooks derive from them along the way."""
-
-    visual_tokens: torch.Tensor  # (B, T_img, n, D_vis)
-    # When generating: <image> tokens after the prompt do not start a new image.
-    prompt_length: int | None = None
-    # Packed rows: 0 on padding, 1, 2, ... per document; each token sees only its own document's images.
-    document_ids: torch.Tensor | None = None
-    # Which visual tokens each token of the current LM call may attend to, (B, 1, L, T*n).
-    media_mask: torch.Tensor | None = None
-    # (B,) image index (1-based, 0 = none) of the last token processed, for cached continuation.
-    images_seen: torch.Tensor | None = None
-    # (B,) whether an end-of-sequence token came after that image (cross_attention.media_ends_at_eos).
-    eos_since_image: torch.Tensor | None = None
-    # The caller already checked that no token refers to a missing image (skips a device sync per call).
-    validated: bool = False
-    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def match_batch(self, batch_size: int) -> None:
-        """generate() expands each prompt to beams / return sequences: expand the visual tokens alike."""
-        current = self.visual_tokens.shape[0]
-        if batch_size == current:
-            return
-        if batch_size % current:
-            raise ValueError(f"language model called with batch {batch_size} for {current} image sets")
-        repeats = batch_size // current
-        self.visual_tokens = self.visual_tokens.repeat_interleave(repeats, dim=0)
-        if self.images_seen is not None:
-            self.images_seen = self.images_seen.repeat_interleave(repeats, dim=0)
-        if self.eos_since_image is not None:
-            self.eos_since_image = self.eos_since_image.repeat_interleave(repeats, dim=0)
-        self.keys_values.clear()
 
 
 def hidden_size(config) -> int:
@@ -136,7 +110,13 @@ class Flamingo(nn.Module):
             layers[index].requires_grad_(True)
         vision_encoder.requires_grad_(config.train_vision_encoder)
         self._lm_takes_position_ids = forward_accepts(language_model, "position_ids")
-        self._media: MediaContext | None = None
+        self._cache_argument = "cache" if forward_accepts(language_model, "cache") else "past_key_values"
+        self._last_logits_only = (
+            {"logits_to_keep": 1} if forward_accepts(language_model, "logits_to_keep") else {}
+        )
+        # Per-call state of the hooks, set only by _calling (see the module docstring).
+        self._in_call = False
+        self._media: MediaState | None = None
         self._logits_at: torch.Tensor | None = None
         language_model.register_forward_pre_hook(self._prepare_lm_call, with_kwargs=True)
         language_model.get_output_embeddings().register_forward_pre_hook(self._select_logit_positions)
@@ -160,52 +140,21 @@ class Flamingo(nn.Module):
             args = (None, *args[1:])
         return args, kwargs
 
-    def _place_tokens(self, ctx: MediaContext, input_ids: torch.Tensor, num_cached: int) -> None:
-        ctx.match_batch(input_ids.shape[0])
-        is_media = input_ids == self.special_ids.media
-        if ctx.prompt_length is not None:
-            # Generated tokens keep attending to the prompt's last image, as OpenFlamingo does, even a generated
-            # <image>: cached and uncached decoding then agree.
-            is_media[:, max(ctx.prompt_length - num_cached, 0) :] = False
-        if num_cached > 0 and ctx.images_seen is None:
-            raise ValueError(
-                "a cached language-model call needs the uncached one inside the same media() block"
-            )
-        text_time = is_media.cumsum(-1) + (ctx.images_seen[:, None] if num_cached > 0 else 0)
-        media_floor = None
-        if ctx.document_ids is not None:
-            text_time, media_floor = restart_per_document(is_media, text_time, ctx.document_ids)
-        num_media, tokens_per_media = ctx.visual_tokens.shape[1:3]
-        # Generated tokens add no image (see above), so decoding steps need no check (and no device sync).
-        decoding = ctx.prompt_length is not None and num_cached >= ctx.prompt_length
-        if not (ctx.validated or decoding) and int(text_time.max()) > num_media:
-            raise ValueError(f"input has more <image> tokens than images ({num_media} per sample)")
-        ctx.images_seen = text_time[:, -1]
-        if self.config.cross_attention.media_ends_at_eos:
-            is_eos = input_ids == self.tokenizer.eos_token_id
-            if ctx.prompt_length is not None:  # generated tokens keep seeing what the prompt's last token saw
-                is_eos[:, max(ctx.prompt_length - num_cached, 0) :] = False
-            carried = ctx.eos_since_image if num_cached > 0 else None
-            blank, ctx.eos_since_image = blank_after_end_of_sequence(is_media, is_eos, carried)
-            text_time = text_time.masked_fill(blank, 0)
-        ctx.media_mask = media_attention_mask(
-            text_time,
-            media_floor,
-            num_media,
-            tokens_per_media,
-            self.config.cross_attention.only_attend_immediate_media,
-        )
+    def _place_tokens(self, media: MediaState, input_ids: torch.Tensor, num_cached: int) -> None:
+        cross = self.config.cross_attention
+        eos = self.tokenizer.eos_token_id if cross.media_ends_at_eos else None
+        media.place(input_ids, num_cached, self.special_ids.media, eos, cross.only_attend_immediate_media)
 
     def _cross_attend(self, index: int, layer, args, kwargs):
-        ctx = self._media
-        if ctx is None:
+        media = self._media
+        if media is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         block = self.cross_attn_blocks[str(index)]
-        if index not in ctx.keys_values:
-            ctx.keys_values[index] = block.attn.media_keys_values(ctx.visual_tokens.to(hidden.dtype))
-        keys, values = ctx.keys_values[index]
-        hidden = block(hidden, keys, values, ctx.media_mask)
+        if index not in media.keys_values:
+            media.keys_values[index] = block.attn.media_keys_values(media.visual_tokens.to(hidden.dtype))
+        keys, values = media.keys_values[index]
+        hidden = block(hidden, keys, values, media.media_mask)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -232,21 +181,41 @@ class Flamingo(nn.Module):
         return self
 
     @contextmanager
-    def media(
-        self,
-        visual_tokens: torch.Tensor,
-        prompt_length: int | None = None,
-        document_ids: torch.Tensor | None = None,
-        validated: bool = False,
-    ) -> Iterator[MediaContext]:
-        """Condition every language-model call inside the block on `visual_tokens` (B, T_img, n, D_vis)."""
-        if self._media is not None:
-            raise RuntimeError("Flamingo.media() contexts cannot be nested")
-        self._media = MediaContext(visual_tokens, prompt_length, document_ids, validated=validated)
+    def _calling(
+        self, media: MediaState | None = None, logits_at: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """The hooks' state for the LM calls inside the block: `media` conditions them on images, `logits_at`
+        keeps only some positions' logits. Removed on exit, whatever happens."""
+        if self._in_call:
+            raise RuntimeError("Flamingo calls cannot be nested (a forward inside a forward or generate)")
+        self._in_call, self._media, self._logits_at = True, media, logits_at
         try:
-            yield self._media
+            yield
         finally:
-            self._media = None
+            self._in_call, self._media, self._logits_at = False, None, None
+
+    def checkpoint_context_fn(self) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+        """`context_fn` for torch.utils.checkpoint around decoder layers, so that the recomputation in backward
+        (after forward has returned and removed its media state) runs the cross-attention as the forward did.
+
+        Without it the pre-hook would find no media and skip the block: wrong activations and gradients (HF's own
+        gradient checkpointing has exactly that problem). The state is snapshotted when the checkpointed layer
+        runs, with the keys/values computed so far, and a fresh copy of it is installed for each recomputation."""
+
+        @contextmanager
+        def replaying(snapshot: MediaState | None) -> Iterator[None]:
+            previous = self._media
+            self._media = None if snapshot is None else snapshot.snapshot()
+            try:
+                yield
+            finally:
+                self._media = previous
+
+        def context_fn():
+            snapshot = None if self._media is None else self._media.snapshot()
+            return nullcontext(), replaying(snapshot)
+
+        return context_fn
 
     def encode_images(
         self,
@@ -316,16 +285,12 @@ class Flamingo(nn.Module):
             lm_kwargs.update(self._position_ids(attention_mask))
         else:
             lm_kwargs.update(self._packed_lm_inputs(document_ids, input_ids))
-        self._logits_at = logits_at
-        try:
-            if images is None and image_features is None:
-                logits = self.language_model(**lm_kwargs).logits
-            else:
-                visual_tokens = self.encode_images(images, num_images, image_features)
-                with self.media(visual_tokens, document_ids=document_ids, validated=not validate_inputs):
-                    logits = self.language_model(**lm_kwargs).logits
-        finally:
-            self._logits_at = None
+        media = None
+        if images is not None or image_features is not None:
+            visual_tokens = self.encode_images(images, num_images, image_features)
+            media = MediaState(visual_tokens, document_ids=document_ids, validated=not validate_inputs)
+        with self._calling(media, logits_at):
+            logits = self.language_model(**lm_kwargs).logits
         loss = causal_lm_loss(logits, labels, document_ids) if labels is not None else None
         return FlamingoOutput(logits=logits, loss=loss)
 
@@ -366,11 +331,82 @@ class Flamingo(nn.Module):
         if longer and "stop_strings" not in generate_kwargs:  # HF matches text spread over several tokens
             generate_kwargs.update(stop_strings=longer, tokenizer=self.tokenizer)
         lm_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
-        with self._config_vocab_includes_added_tokens():
-            if images is None:
-                return self.language_model.generate(**lm_kwargs)
-            with self.media(self.encode_images(images, num_images), prompt_length=input_ids.shape[1]):
-                return self.language_model.generate(**lm_kwargs)
+        media = None
+        if images is not None:  # tokens after the prompt's columns are generated: they start no image
+            media = MediaState(self.encode_images(images, num_images), prompt_length=input_ids.shape[1])
+        with self._config_vocab_includes_added_tokens(), self._calling(media):
+            return self.language_model.generate(**lm_kwargs)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        num_images: torch.Tensor | Sequence[int] | None = None,
+        state: DecodeState | None = None,
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Feed prompt tokens (B, L), left-padded, conditioned on `images` (B, T_img, F, C, H, W): returns each
+        row's last logits (B, vocab) and the state that `decode_step` (or the next chunk) continues from.
+
+        A long prompt can be fed in chunks: pass the previous chunk's `state` (the images come with the first)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if state is None:
+            media = None
+            if images is not None:
+                media = MediaState(self.encode_images(images, num_images))
+            empty = attention_mask[:, :0]
+            state = DecodeState(None, empty, attention_mask.new_zeros(input_ids.shape[0]), media)
+        elif images is not None:
+            raise ValueError("prefill: a later chunk of a prompt takes no images (pass them with the first)")
+        positions = (state.next_positions[:, None] + attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if state.media is not None:
+            state.media.prompt_length = None  # every token of a prompt may start an image
+        logits = self._cached_call(state, input_ids, attention_mask, positions, last_only=True)
+        return logits[:, -1], state
+
+    @torch.no_grad()
+    def decode_step(
+        self,
+        state: DecodeState,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Feed generated tokens, (B,) or (B, k), to `state` (advanced in place): the logits of the last one (B,
+        vocab), or of every one (B, k, vocab) with `all_logits`. Generated tokens start no image and, with
+        `media_ends_at_eos`, end none. `attention_mask` (B, k) marks right padding in the new tokens."""
+        tokens = tokens[:, None] if tokens.ndim == 1 else tokens
+        if attention_mask is None:
+            attention_mask = torch.ones_like(tokens)
+        positions = state.next_positions[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        if state.media is not None:
+            state.media.prompt_length = state.columns
+        logits = self._cached_call(state, tokens, attention_mask, positions, last_only=not all_logits)
+        return logits if all_logits else logits[:, -1]
+
+    def _cached_call(
+        self,
+        state: DecodeState,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        last_only: bool,
+    ) -> torch.Tensor:
+        state.mask = torch.cat([state.mask, attention_mask.to(state.mask.dtype)], dim=1)
+        state.next_positions = state.next_positions + attention_mask.sum(-1)
+        kwargs = {"input_ids": input_ids, "attention_mask": state.mask, "use_cache": True}
+        if state.cache is not None:
+            kwargs[self._cache_argument] = state.cache
+        if self._lm_takes_position_ids:
+            kwargs["position_ids"] = positions
+        if last_only:
+            kwargs.update(self._last_logits_only)
+        with self._calling(state.media):
+            out = self.language_model(**kwargs)
+        state.cache = getattr(out, "cache", None) or out.past_key_values
+        return out.logits
 
     def stop_strings(self) -> list[str]:
         """Where answers end in this model's prompt format, as text: its end of chunk (OpenFlamingo's

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.language import forward_accepts
+from ..model.decoding import cache_layers
 from .batch import Batch
 from .completion import Completion
 from .sampling import Sampling, next_tokens
@@ -128,10 +128,6 @@ class Engine:
         # Decoding on the engine thread while workers encode requests would share the tokenizer's Rust object,
         # which takes no two calls at once (see prepare.TOKENIZER_LOCK): the engine has a copy of its own.
         self.tokenizer = copy.deepcopy(model.tokenizer)
-        lm = model.language_model
-        self._cache_argument = "cache" if forward_accepts(lm, "cache") else "past_key_values"
-        self._takes_positions = forward_accepts(lm, "position_ids")
-        self._last_logits = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
         self._queue: queue.Queue = queue.Queue()
         self._waiting: collections.deque = collections.deque()
         # Scoring requests and long prompts' prefills, a step each in turn (a prefill's rows are reserved).
@@ -337,7 +333,7 @@ class Engine:
         `prefill_chunk` tokens, else in chunks sized by their cost (yielding between them); then their first tokens,
         and their rows joining the batch. Several prompts are prefilled together only when they fit one forward (no
         chunk can then be all padding)."""
-        model, lm = self.model, self.model.language_model
+        model = self.model
         with_images = jobs[0].images is not None
         length = max(len(job.input_ids) for job in jobs)
         ids = torch.full((len(jobs), length), model.special_ids.pad, dtype=torch.long)
@@ -346,47 +342,31 @@ class Engine:
             ids[b, length - len(job.input_ids) :] = torch.tensor(job.input_ids)
             mask[b, length - len(job.input_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        part = Batch(mask=mask, positions=mask.sum(-1))
+        images = counts = None
         if with_images:
             counts = [job.images.shape[1] for job in jobs]
-            pixels = torch.zeros(len(jobs), max(counts), *jobs[0].images.shape[2:])
+            images = torch.zeros(len(jobs), max(counts), *jobs[0].images.shape[2:])
             for b, job in enumerate(jobs):
-                pixels[b, : counts[b]] = job.images[0]
-            part.visual = model.encode_images(pixels.to(self.device, self.dtype), counts)
+                images[b, : counts[b]] = job.images[0]
+            images = images.to(self.device, self.dtype)
+        state = None
         start, size = 0, length if length <= self.prefill_chunk else min(FIRST_CHUNK, self.prefill_chunk)
         while start < length:
             end = min(start + size, length)
             began = time.monotonic()
-            kwargs = {
-                "input_ids": ids[:, start:end],
-                "attention_mask": mask[:, :end],
-                "use_cache": True,
-                **self._last_logits,
-            }
-            if part.cache is not None:
-                kwargs[self._cache_argument] = part.cache
-            if self._takes_positions:
-                kwargs["position_ids"] = positions[:, start:end]
-            if with_images:
-                with model.media(part.visual, prompt_length=length) as media:
-                    if start > 0:  # which image the prompt so far ended on, and the images' keys/values
-                        media.images_seen = part.images_seen
-                        media.keys_values.update(part.media_kv)
-                    out = lm(**kwargs)
-                part.media_kv, part.images_seen = dict(media.keys_values), media.images_seen
-            else:
-                out = lm(**kwargs)
+            logits, state = model.prefill(ids[:, start:end], mask[:, start:end], images, counts, state)
+            images = None  # the images come with the first chunk
             self.prefills += 1
-            part.cache = getattr(out, "cache", None) or out.past_key_values
             start = end
             if start < length:
                 # The next chunk aims at BULK_STEP_S: later chunks attend to a longer cache, so cost more per token.
                 took = time.monotonic() - began
                 size = sized_by_cost(size, took, BULK_STEP_S, MIN_CHUNK, self.prefill_chunk)
                 yield
+        cache_layers(state.cache)  # refuse caches whose rows cannot be batched, before any answer starts
         answers = [len(job.sampling) for job in jobs]
-        part = part.repeat(answers)
+        part = Batch(state=state)
+        part.repeat(answers)
         part.rows = [
             Row(
                 job,
@@ -398,7 +378,7 @@ class Engine:
             for job in jobs
             for i in range(len(job.sampling))
         ]
-        logits = out.logits[:, -1].repeat_interleave(torch.tensor(answers, device=out.logits.device), dim=0)
+        logits = logits.repeat_interleave(torch.tensor(answers, device=logits.device), dim=0)
         firsts = next_tokens(logits, [row.job.sampling[row.choice] for row in part.rows])
         kept = self._advance(part, firsts)
         part.keep(kept)
@@ -407,32 +387,13 @@ class Engine:
 
     def _step(self, batch: Batch) -> None:
         """One token for every row of `batch`."""
-        lm = self.model.language_model
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
-        kwargs = {
-            "input_ids": batch.next_tokens[:, None],
-            "attention_mask": batch.mask,
-            "use_cache": True,
-            self._cache_argument: batch.cache,
-            **self._last_logits,
-        }
-        if self._takes_positions:
-            kwargs["position_ids"] = batch.positions[:, None]
         try:
-            if batch.visual is None:
-                logits = lm(**kwargs).logits[:, -1]
-            else:
-                # prompt_length=0: every fed token is generated, so none starts a new image.
-                with self.model.media(batch.visual, prompt_length=0, validated=True) as media:
-                    media.images_seen = batch.images_seen
-                    media.keys_values.update(batch.media_kv)
-                    logits = lm(**kwargs).logits[:, -1]
+            logits = self.model.decode_step(batch.state, batch.next_tokens)
         except Exception as error:
             log.exception("decode step failed")
             self._fail_batch(batch, Failed(f"{type(error).__name__}: {error}"))
             return
         self.steps += 1
-        batch.positions = batch.positions + 1
         tokens = next_tokens(logits, [row.job.sampling[row.choice] for row in batch.rows])
         kept = self._advance(batch, tokens)
         if len(kept) < len(batch):

@@ -4,8 +4,6 @@ DDP / FSDP2 wrapping. Applied in that order (compile before checkpointing, see p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,45 +44,14 @@ def decoder_layers(model: Flamingo) -> nn.ModuleList:
 
 
 # ----- activation checkpointing ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _media_installed(model: Flamingo, snapshot):
-    previous = model._media
-    # A fresh copy each time: the recomputed cross-attention fills keys_values just as the original forward did.
-    model._media = (
-        None if snapshot is None else dataclasses.replace(snapshot, keys_values=dict(snapshot.keys_values))
-    )
-    try:
-        yield
-    finally:
-        model._media = previous
-
-
-def media_context_fn(model: Flamingo) -> Callable[[], tuple[contextlib.AbstractContextManager, ...]]:
-    """`context_fn` for torch.utils.checkpoint that makes the recomputation see the forward's media context.
-
-    The gated cross-attention runs in forward pre-hooks that read `model._media`, which exists only while
-    `Flamingo.forward` runs. Backward recomputes a checkpointed decoder layer after forward has returned, so without
-    this the hook would find no media, skip the cross-attention, and the recomputed activations (and gradients)
-    would be wrong; HF's own gradient checkpointing has exactly that problem. We snapshot the context when the
-    checkpointed forward starts (including which images' keys/values were already computed, so the recompute
-    repeats the same operations) and re-install it around the recomputation.
-    """
-
-    def context_fn():
-        ctx = model._media
-        snapshot = None if ctx is None else dataclasses.replace(ctx, keys_values=dict(ctx.keys_values))
-        return contextlib.nullcontext(), _media_installed(model, snapshot)
-
-    return context_fn
-
-
 def apply_activation_checkpointing(model: Flamingo) -> None:
     """Checkpoint every decoder layer; a layer's cross-attention block runs in its pre-hook, so each checkpointed
     unit is (gated cross-attention + decoder layer). Parameter names are unchanged (the wrapper strips its prefix)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     layers = decoder_layers(model)
-    context_fn = media_context_fn(model)
+    # The recomputation in backward must see the media the forward saw (Flamingo.checkpoint_context_fn).
+    context_fn = model.checkpoint_context_fn()
     for i, layer in enumerate(layers):
         layers[i] = checkpoint_wrapper(layer, context_fn=context_fn, preserve_rng_state=True)
 
