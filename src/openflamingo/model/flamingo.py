@@ -34,6 +34,7 @@ from .language import (
     find_decoder_layers,
     forward_accepts,
 )
+from .loss import cross_entropy_sum
 from .media import MediaState
 from .packing import document_starts, packed_attention_mask
 from .perceiver import PerceiverResampler
@@ -42,8 +43,11 @@ from .vision import VisionEncoder
 
 @dataclass
 class FlamingoOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None  # None when `targets` ask for the loss alone
+    loss: torch.Tensor | None = None  # mean over the labels
+    loss_sum: torch.Tensor | None = (
+        None  # summed over `targets` (the training loop weighs datasets by tokens)
+    )
 
 
 def hidden_size(config) -> int:
@@ -118,6 +122,8 @@ class Flamingo(nn.Module):
         self._in_call = False
         self._media: MediaState | None = None
         self._logits_at: torch.Tensor | None = None
+        # When the loss is computed from the head's inputs (model/loss.py): the hidden states the head was given.
+        self._head_inputs: list[torch.Tensor] | None = None
         language_model.register_forward_pre_hook(self._prepare_lm_call, with_kwargs=True)
         language_model.get_output_embeddings().register_forward_pre_hook(self._select_logit_positions)
         language_model.get_output_embeddings().register_forward_hook(self._append_added_logits)
@@ -164,8 +170,13 @@ class Flamingo(nn.Module):
             return None
         hidden = inputs[0]
         if self._logits_at.dtype == torch.bool:
-            return (hidden[self._logits_at], *inputs[1:])
-        return (hidden.flatten(0, 1).index_select(0, self._logits_at), *inputs[1:])
+            hidden = hidden[self._logits_at]
+        else:
+            hidden = hidden.flatten(0, 1).index_select(0, self._logits_at)
+        if self._head_inputs is not None:  # the loss takes it from here: the LM's own head call gets no rows
+            self._head_inputs.append(hidden)
+            hidden = hidden[:0]
+        return (hidden, *inputs[1:])
 
     def _append_added_logits(self, lm_head, inputs, logits):
         return self.added_tokens.logits(inputs[0], logits)
@@ -182,17 +193,21 @@ class Flamingo(nn.Module):
 
     @contextmanager
     def _calling(
-        self, media: MediaState | None = None, logits_at: torch.Tensor | None = None
+        self,
+        media: MediaState | None = None,
+        logits_at: torch.Tensor | None = None,
+        head_inputs: list[torch.Tensor] | None = None,
     ) -> Iterator[None]:
         """The hooks' state for the LM calls inside the block: `media` conditions them on images, `logits_at`
-        keeps only some positions' logits. Removed on exit, whatever happens."""
+        keeps only some positions' logits, `head_inputs` (a list) receives their hidden states instead of the head
+        computing logits. Removed on exit, whatever happens."""
         if self._in_call:
             raise RuntimeError("Flamingo calls cannot be nested (a forward inside a forward or generate)")
-        self._in_call, self._media, self._logits_at = True, media, logits_at
+        self._in_call, self._media, self._logits_at, self._head_inputs = True, media, logits_at, head_inputs
         try:
             yield
         finally:
-            self._in_call, self._media, self._logits_at = False, None, None
+            self._in_call, self._media, self._logits_at, self._head_inputs = False, None, None, None
 
     def checkpoint_context_fn(self) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
         """`context_fn` for torch.utils.checkpoint around decoder layers, so that the recomputation in backward
@@ -259,6 +274,7 @@ class Flamingo(nn.Module):
         logits_at: torch.Tensor | None = None,
         validate_inputs: bool = True,
         image_features: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> FlamingoOutput:
         """Logits (and the loss when `labels` are given). `document_ids` (B, L) marks packed rows: 0 on padding,
         1, 2, ... per document; each document then sees only its own earlier tokens and its own images.
@@ -267,6 +283,10 @@ class Flamingo(nn.Module):
         bool mask, or the (N,) flat indices `b * L + l` (training needs them only where a label follows, see
         `next_token_targets`; over a large vocabulary the LM head is otherwise a large share of the step's time and
         memory). Indices select without the device sync a mask costs.
+
+        `targets` (N,), with `logits_at`: the token each of those positions predicts. Then the output is the summed
+        cross-entropy `loss_sum` and no logits: they are computed a chunk of positions at a time, never all at once
+        (model/loss.py), which saves the largest tensors of a training step.
 
         `image_features` (B, T_img, F, num_tokens, D_vis) replaces `images` with the frozen vision encoder's output
         for them, computed beforehand (`openflamingo.data.features`); give one or the other.
@@ -279,6 +299,8 @@ class Flamingo(nn.Module):
             raise ValueError("pass labels or logits_at, not both: the loss needs the logits at every label")
         if logits_at is not None:
             check_logits_at(logits_at, input_ids)
+        if targets is not None and logits_at is None:
+            raise ValueError("targets are the tokens predicted at logits_at: pass both")
         lm_kwargs = {"input_ids": input_ids, "use_cache": False}
         if document_ids is None:
             lm_kwargs["attention_mask"] = attention_mask
@@ -289,8 +311,20 @@ class Flamingo(nn.Module):
         if images is not None or image_features is not None:
             visual_tokens = self.encode_images(images, num_images, image_features)
             media = MediaState(visual_tokens, document_ids=document_ids, validated=not validate_inputs)
+        head = self.language_model.get_output_embeddings()
+        if targets is not None and isinstance(head, nn.Linear):
+            head_inputs: list[torch.Tensor] = []
+            with self._calling(media, logits_at, head_inputs):
+                self.language_model(**lm_kwargs)
+            (hidden,) = head_inputs
+            return FlamingoOutput(
+                logits=None, loss_sum=cross_entropy_sum(hidden, targets, head, self.added_tokens)
+            )
         with self._calling(media, logits_at):
             logits = self.language_model(**lm_kwargs).logits
+        if targets is not None:  # a head that is not one linear map: the logits, then their loss
+            loss_sum = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+            return FlamingoOutput(logits=None, loss_sum=loss_sum)
         loss = causal_lm_loss(logits, labels, document_ids) if labels is not None else None
         return FlamingoOutput(logits=logits, loss=loss)
 

@@ -217,12 +217,18 @@ class AddedTokenEmbeddings(nn.Module):
         extra = one_hot @ self.input.to(base_embeds.dtype)
         return torch.where(added[..., None], extra, base_embeds)
 
-    def logits(self, hidden: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    def added_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of the added tokens alone, (..., num_added)."""
         weight = self.input if self.tied else self.output
         extra = hidden @ weight.to(hidden.dtype).T
         if self.output_bias is not None:
             extra = extra + self.output_bias.to(hidden.dtype)
-        return torch.cat([base_logits[..., : self.first_added], extra.to(base_logits.dtype)], dim=-1)
+        return extra
+
+    def logits(self, hidden: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+        """The LM's logits of its base vocabulary followed by the added tokens'."""
+        extra = self.added_logits(hidden).to(base_logits.dtype)
+        return torch.cat([base_logits[..., : self.first_added], extra], dim=-1)
 
 
 def forward_accepts(lm: nn.Module, name: str) -> bool:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..model.checkpoint import build_or_load
 from ..model.flamingo import Flamingo
@@ -57,11 +56,10 @@ def forward_backward(
     model: torch.nn.Module, batch: dict[str, Any], scale, device: torch.device, amp: torch.dtype | None
 ) -> torch.Tensor:
     """One dataset's prepared micro-batch (`prefetch.prepare_batch`): forward, backward of `scale` * summed token
-    loss; returns the (detached) sum. Logits are computed only where a label follows."""
+    loss; returns the (detached) sum. Logits are computed only where a label follows, a chunk at a time."""
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with autocast:
-        logits = model(**batch["inputs"], validate_inputs=False).logits
-    loss_sum = F.cross_entropy(logits.float(), batch["targets"], reduction="sum")
+        loss_sum = model(**batch["inputs"], targets=batch["targets"], validate_inputs=False).loss_sum
     (loss_sum * scale).backward()
     return loss_sum.detach()
 
