@@ -26,6 +26,7 @@ from torch import nn
 from .config import FlamingoConfig
 from .cross_attention import GatedCrossAttentionBlock
 from .decoding import DecodeState
+from .few_rows import few_row_products
 from .inputs import check_inputs, check_logits_at
 from .language import (
     AddedTokenEmbeddings,
@@ -368,7 +369,11 @@ class Flamingo(nn.Module):
         media = None
         if images is not None:  # tokens after the prompt's columns are generated: they start no image
             media = MediaState(self.encode_images(images, num_images), prompt_length=input_ids.shape[1])
-        with self._config_vocab_includes_added_tokens(), self._calling(media):
+        with (
+            self._config_vocab_includes_added_tokens(),
+            self._calling(media),
+            few_row_products(input_ids.device),
+        ):
             return self.language_model.generate(**lm_kwargs)
 
     @torch.no_grad()
@@ -437,7 +442,7 @@ class Flamingo(nn.Module):
             kwargs["position_ids"] = positions
         if last_only:
             kwargs.update(self._last_logits_only)
-        with self._calling(state.media):
+        with self._calling(state.media), few_row_products(input_ids.device):
             out = self.language_model(**kwargs)
         state.cache = getattr(out, "cache", None) or out.past_key_values
         return out.logits
