@@ -94,15 +94,20 @@ def export(args: argparse.Namespace) -> None:
     if args.merge_lora:
         if model.config.lora is None:
             raise ValueError(f"{args.checkpoint} has no LoRA adapters to merge")
-        merged = merge_lora(model.language_model)
-        # The LM's weights now differ from the named one: the checkpoint stores them and describes the architecture.
-        model.config = dataclasses.replace(
-            model.config,
-            lora=None,
-            language_model=None,
-            language_model_config=model.language_model.config.to_dict(),
+        merged_lm = merge_lora(model.language_model)
+        # The blocks are always in model.safetensors; merged, they are plain layers again.
+        merged_blocks = merge_lora(model.cross_attn_blocks)
+        if merged_lm:
+            # The LM's weights now differ from the named one: the checkpoint stores them and describes the
+            # architecture.
+            model.config = dataclasses.replace(
+                model.config, language_model=None, language_model_config=model.language_model.config.to_dict()
+            )
+        model.config = dataclasses.replace(model.config, lora=None)
+        print(
+            f"merged {merged_lm} LoRA adapters into the language model and {merged_blocks} into the "
+            "cross-attention blocks"
         )
-        print(f"merged {merged} LoRA adapters into the language model")
     save_pretrained(model, args.out, include_backbones=args.include_backbones, overwrite=args.overwrite)
     print(f"saved {args.out}")
 
@@ -176,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("checkpoint", type=Path, help="a save_pretrained directory")
     exporter.add_argument("out", type=Path, help="the new directory")
     exporter.add_argument(
-        "--merge-lora", action="store_true", help="fold the LoRA adapters into the LM weights"
+        "--merge-lora",
+        action="store_true",
+        help="fold the LoRA adapters into the LM and cross-attention weights",
     )
     exporter.add_argument("--include-backbones", action="store_true", help="store LM and vision weights too")
     exporter.add_argument("--overwrite", action="store_true")

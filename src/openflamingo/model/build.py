@@ -11,7 +11,7 @@ import torch
 from .config import FlamingoConfig
 from .convert.mpt import add_qk_layernorm, is_remote_code_mpt, load_mpt_with_qk_layernorm, uses_qk_layernorm
 from .flamingo import Flamingo
-from .lora import inject_lora
+from .lora import add_lora
 from .vision import build_vision_encoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # backbones come from packages or local paths, never the hub
@@ -90,5 +90,5 @@ def build_flamingo(config: FlamingoConfig, seed: int | None = None) -> Flamingo:
         torch.manual_seed(seed)
     model = Flamingo(config, vision, lm, tokenizer)
     if config.lora is not None:
-        inject_lora(lm, config.lora)
+        add_lora(model, config.lora)
     return model

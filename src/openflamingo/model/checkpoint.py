@@ -20,7 +20,7 @@ from .build import build_flamingo
 from .config import FlamingoConfig
 from .files import atomic_directory
 from .flamingo import Flamingo
-from .lora import ADAPTER_DIR, inject_lora, is_lora_key, load_adapter, plain_key, save_adapter
+from .lora import add_lora, is_lora_key, load_adapters, plain_key, save_adapters
 
 FORMAT = "openflamingo"
 FORMAT_VERSION = 1
@@ -71,8 +71,9 @@ def _self_contained(model: Flamingo, include_backbones: bool) -> FlamingoConfig:
 def save_pretrained(
     model: Flamingo, directory: str | Path, include_backbones: bool = False, overwrite: bool = False
 ):
-    """Write `model` to `directory` (config.json, model.safetensors, tokenizer/, adapter/ with LoRA), atomically;
-    `load(directory)` rebuilds it. An existing directory is replaced only with `overwrite=True`."""
+    """Write `model` to `directory` (config.json, model.safetensors, tokenizer/; with LoRA, adapter/ for the LM's
+    adapters and cross_attention_adapter/ for the blocks'), atomically; `load(directory)` rebuilds it. An existing
+    directory is replaced only with `overwrite=True`."""
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
@@ -85,7 +86,7 @@ def save_pretrained(
         tensors = {k: state[k].detach().contiguous().cpu().clone() for k in keys}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": FORMAT})
         if model.config.lora is not None:
-            save_adapter(model.language_model, model.config.lora, tmp / ADAPTER_DIR)
+            save_adapters(model, model.config.lora, tmp)
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {
             "format": FORMAT,
@@ -146,9 +147,9 @@ def load(
     if config.lora is not None:
         if seed is not None:
             torch.manual_seed(seed)
-        inject_lora(model.language_model, config.lora)
+        add_lora(model, config.lora)
         if saved.lora is not None:
-            load_adapter(model.language_model, directory / ADAPTER_DIR)
+            load_adapters(model, config.lora, directory)
     model.config = config
     return model.to(map_location)
 

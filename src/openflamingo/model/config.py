@@ -41,7 +41,8 @@ class FlamingoConfig:
     special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
     train_language_model: bool = False
     train_vision_encoder: bool = False
-    # Fine-tuning: decoder layers of the LM trained in full (by index), and LoRA adapters on the LM (peft).
+    # Fine-tuning: decoder layers of the LM trained in full (by index), and LoRA adapters (peft) on the LM and/or
+    # the cross-attention blocks (model/lora.py).
     train_language_model_layers: list[int] = field(default_factory=list)
     lora: LoraSettings | None = None
     # How prompts are written (Flamingo's plain format or the LM's chat template); recorded in checkpoints.
@@ -50,9 +51,10 @@ class FlamingoConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        if self.train_language_model and (self.lora is not None or self.train_language_model_layers):
+        if self.train_language_model and (self.lora_on_language_model or self.train_language_model_layers):
             raise ValueError(
-                "train_language_model trains the whole LM; drop lora / train_language_model_layers, or set it false"
+                "train_language_model trains the whole LM; drop lora.target_modules / train_language_model_layers, "
+                "or set it false"
             )
         if any(i < 0 for i in self.train_language_model_layers):
             raise ValueError(
@@ -60,9 +62,15 @@ class FlamingoConfig:
             )
 
     @property
+    def lora_on_language_model(self) -> bool:
+        return self.lora is not None and bool(self.lora.target_modules)
+
+    @property
     def adapts_language_model(self) -> bool:
         """Whether any LM weight trains (then the LM runs in train mode and its changed weights are saved)."""
-        return self.train_language_model or self.lora is not None or bool(self.train_language_model_layers)
+        return (
+            self.train_language_model or self.lora_on_language_model or bool(self.train_language_model_layers)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
