@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_finetune import perturbed
 from test_model import TEXTS, batch, tiny_config
+from test_train import config_of, one_thread, tiny_run  # noqa: F401  (one_thread: the autouse fixture)
 from torch import nn
 
 import openflamingo
@@ -42,15 +43,6 @@ GATES_AND_NORMS = (
     "ff.norm.bias",
 )
 README = Path(__file__).parent.parent / "README.md"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared cores spinning OpenMP threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def with_lora(tokenizer_dir, lora: LoraSettings):
@@ -183,7 +175,6 @@ def test_a_bad_block_adapter_file_is_a_one_line_error_naming_it(saved, tmp_path,
 
 
 def test_block_lora_trains_and_resumes_exactly(tokenizer_dir, tmp_path):
-    from test_train import config_of, tiny_run
 
     from openflamingo.train import train
 
@@ -207,7 +198,6 @@ def test_block_lora_trains_and_resumes_exactly(tokenizer_dir, tmp_path):
 def test_fsdp2_with_activation_checkpointing_trains_block_lora_like_one_process(tokenizer_dir, tmp_path):
     """2 processes (gloo), each with half the global batch: the losses and every saved tensor of the single-process
     run, adapters of the LM and of the blocks included (frozen bases and adapters share the blocks' FSDP units)."""
-    from test_train import config_of, tiny_run
     from test_train_distributed import logged_losses, torchrun
 
     from openflamingo.train import train
@@ -240,7 +230,6 @@ def test_an_idefics_conversion_fine_tuned_with_lora_on_lm_and_blocks_exports_mer
     """convert idefics -> `openflamingo train` (init_from, LoRA on the LM and on every block linear layer)
     -> `openflamingo export --merge-lora` -> load: the logits and greedy tokens of the LoRA model."""
     from test_convert_idefics import hub_directory, pixels, prompts
-    from test_train import config_of, tiny_run
 
     from openflamingo.model.convert.idefics import convert_idefics
     from openflamingo.train import train
