@@ -229,12 +229,12 @@ def test_eval_prompts_of_a_chat_model_are_chat_turns(chat_tokenizer):
     vqa = TaskPrompt("<image>Question:{question} Short answer:{answer}", "\n")
     chat = (PromptFormat(kind="chat"), chat_tokenizer)
     demo, query = example(1, "What colour?", "red"), example(2, "What shape?", "")
-    prompt = build_prompt(vqa, [demo], query, shots=1, chat=chat)
+    prompt = build_prompt(vqa, [demo], query, shots=1, dialogue=chat)
     assert prompt.text == (
         "<|im_start|>user\n<image>Question:What colour? Short answer:<|im_end|>\n"
         "<|im_start|>assistant\nred<|im_end|>\n"
         "<|im_start|>user\n<image>Question:What shape? Short answer:<|im_end|>\n<|im_start|>assistant\n"
     )
     assert prompt.images == [Path("1.jpg"), Path("2.jpg")]
-    zero_shot = build_prompt(vqa, [demo], query, shots=0, chat=chat)  # text-only demonstrations
+    zero_shot = build_prompt(vqa, [demo], query, shots=0, dialogue=chat)  # text-only demonstrations
     assert zero_shot.images == [Path("2.jpg")] and zero_shot.text.count("<image>") == 1

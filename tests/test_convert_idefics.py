@@ -189,3 +189,72 @@ def test_a_converted_idefics_fine_tunes_with_lora_and_serves_what_generate_answe
     assert response.status_code == 200, response.text
     answer = response.json()["choices"][0]["message"]["content"]
     assert answer and answer == generate(model, question, 6), answer
+
+
+def test_conversion_takes_the_files_tensors_as_weights_instead_of_initialising_its_own(tmp_path, monkeypatch):
+    """The model is built with every parameter on the meta device (no random fp32 copy of IDEFICS-80B's 160 GB
+    before the weights arrive), then the tensors read from the safetensors files become its parameters, in their
+    stored dtype (the Hub's bf16); only the key/value projections, joined from two source tensors, are new. The
+    non-persistent buffers (rotary inv_freq, CLIP's position ids) are those of a normally built model."""
+    from safetensors.torch import load_file, save_file
+
+    import openflamingo.model.build as build
+    import openflamingo.model.checkpoint as checkpoint
+    import openflamingo.model.convert.idefics as idefics
+
+    _, _, source = hub_directory(tmp_path, cross_layer_interval=2)
+    for shard in source.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(shard).items()}, shard)
+    read, built, saved = [], [], []
+    original_read, original_build, original_save = (
+        idefics.read_idefics_weights,
+        build.build_flamingo,
+        checkpoint.save_pretrained,
+    )
+
+    def read_weights(directory):
+        read.append(original_read(directory))
+        return read[-1]
+
+    def build_flamingo(config, seed=None):
+        model = original_build(config, seed)
+        built.append({name: p.device.type for name, p in model.named_parameters()})
+        return model
+
+    def save_pretrained(model, *args, **kwargs):
+        saved.append(model)
+        return original_save(model, *args, **kwargs)
+
+    monkeypatch.setattr(idefics, "read_idefics_weights", read_weights)
+    monkeypatch.setattr(build, "build_flamingo", build_flamingo)
+    monkeypatch.setattr(checkpoint, "save_pretrained", save_pretrained)
+    convert_idefics(source, tmp_path / "out")
+
+    assert set(built[0].values()) == {"meta"}
+    from_files = {tensor.data_ptr() for tensor in read[0].values()}
+    new = sorted(name for name, p in saved[0].named_parameters() if p.data_ptr() not in from_files)
+    assert new and all(name.endswith("attn.to_kv.weight") for name in new), new
+    assert {t.dtype for t in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
+    normally_built = dict(openflamingo.load(tmp_path / "out").named_buffers())
+    converted_buffers = dict(saved[0].named_buffers())
+    assert converted_buffers.keys() == normally_built.keys() and len(converted_buffers) >= 2
+    for name, buffer in converted_buffers.items():
+        torch.testing.assert_close(buffer, normally_built[name], atol=0, rtol=0, msg=name)
+
+    monkeypatch.undo()
+    from openflamingo.cli import main
+
+    main(
+        [
+            "convert",
+            "idefics",
+            str(source),
+            str(tmp_path / "fp32"),
+            "--dtype",
+            "fp32",
+            "--prompt-format",
+            "instruct",
+        ]
+    )
+    assert {t.dtype for t in load_file(tmp_path / "fp32" / "model.safetensors").values()} == {torch.float32}
+    assert openflamingo.load(tmp_path / "fp32").config.prompt_format.stop == ["<end_of_utterance>"]

@@ -37,10 +37,16 @@ def convert_mosaic_gpt_directory(args: argparse.Namespace) -> None:
 
 
 def convert_idefics_directory(args: argparse.Namespace) -> None:
+    import torch
+
     from .model.convert.idefics import convert_idefics
 
     instruct = {"auto": None, "instruct": True, "few-shot": False}[args.prompt_format]
-    print(convert_idefics(args.directory, args.out, overwrite=args.overwrite, instruct=instruct).summary())
+    dtype = {"stored": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    report = convert_idefics(
+        args.directory, args.out, overwrite=args.overwrite, instruct=instruct, dtype=dtype
+    )
+    print(report.summary())
     print(f"saved {args.out}")
 
 
@@ -155,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "instruct", "few-shot"),
         default="auto",
         help="record the -instruct dialogue format or OpenFlamingo's few-shot one (auto: by the directory name)",
+    )
+    idefics.add_argument(
+        "--dtype",
+        choices=("stored", "fp32", "bf16", "fp16"),
+        default="stored",
+        help="dtype of the written weights (stored: as in the source files, bf16 on the Hub)",
     )
     idefics.add_argument("--overwrite", action="store_true")
     idefics.set_defaults(run=convert_idefics_directory)

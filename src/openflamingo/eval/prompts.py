@@ -16,7 +16,8 @@ from ..model.prompt_format import END_OF_CHUNK, MEDIA, Message, PromptFormat
 from .datasets import Example
 from .tasks import TaskPrompt
 
-ChatFormat = tuple[PromptFormat, object]  # a chat-kind prompt format and the tokenizer whose template it uses
+# A prompt format that writes dialogue turns, and the tokenizer (whose chat template the chat kind uses)
+DialogueFormat = tuple[PromptFormat, object]
 
 FLAMINGO_ZERO_SHOT_DEMOS = (
     2  # Flamingo (Alayrac et al. 2022, appendix) and OpenFlamingo's zero-shot convention
@@ -49,16 +50,21 @@ def fill(template: str, example: Example, answer: str) -> str:
         ) from None
 
 
-def chat_format(model) -> ChatFormat | None:
-    """What `build_prompt` needs for a model whose recorded prompt format is its LM's chat template."""
+def dialogue_format(model) -> DialogueFormat | None:
+    """What `build_prompt` needs for a model whose recorded prompt format writes dialogue turns: its LM's chat
+    template, or a flamingo template whose answers close with their own `answer_end` (IDEFICS-instruct's
+    "User:...<end_of_utterance>\nAssistant: ...") rather than with the end of chunk that closes the task
+    templates' demonstrations. None for the others: they were trained on documents like the task templates."""
     prompt_format = model.config.prompt_format
-    return (prompt_format, model.tokenizer) if prompt_format.kind == "chat" else None
+    if prompt_format.kind == "chat" or prompt_format.answer_end is not None:
+        return prompt_format, model.tokenizer
+    return None
 
 
-def _chat_prompt(
-    fmt: TaskPrompt, demos: list[Example], query: Example, shots: int, chat: ChatFormat
+def _dialogue_prompt(
+    fmt: TaskPrompt, demos: list[Example], query: Example, shots: int, dialogue: DialogueFormat
 ) -> Prompt:
-    prompt_format, tokenizer = chat
+    prompt_format, tokenizer = dialogue
     question = fmt.template.split("{answer}", 1)[0]
     messages, images = [], []
     for demo in demos:
@@ -80,12 +86,13 @@ def answer_follows_space(template: str) -> bool:
 
 
 def build_prompt(
-    fmt: TaskPrompt, demos: list[Example], query: Example, shots: int, chat: ChatFormat | None = None
+    fmt: TaskPrompt, demos: list[Example], query: Example, shots: int, dialogue: DialogueFormat | None = None
 ) -> Prompt:
     """Demonstrations (with their images when shots > 0, text only for zero-shot) followed by the query; with
-    `chat` (a model trained on its LM's chat template) each example is a user turn and its answer the reply."""
-    if chat is not None:
-        return _chat_prompt(fmt, demos, query, shots, chat)
+    `dialogue` (a model trained on dialogue turns, see `dialogue_format`) each example's prompt is a user turn and
+    its answer the reply."""
+    if dialogue is not None:
+        return _dialogue_prompt(fmt, demos, query, shots, dialogue)
     parts, images = [], []
     for demo in demos:
         text = fill(fmt.template, demo, demo.target.strip()) + END_OF_CHUNK + fmt.separator
@@ -110,6 +117,14 @@ def build_prompt(
 
 
 # ----- post-processing of generations -----------------------------------------------------------------------------
+def until_stop(text: str, stops: list[str]) -> str:
+    """The generated text before the first stop string. A stop that is one special token is dropped by decoding
+    already; one spanning several tokens (IDEFICS-instruct's <end_of_utterance>) ends generation with its text
+    included, and the text that follows a stopped row in a batch is padding."""
+    ends = [text.find(stop) for stop in stops if stop in text]
+    return text[: min(ends)] if ends else text
+
+
 def postprocess_caption(text: str) -> str:
     """The caption ends where the model starts another demonstration ("Output"); quotes are dropped."""
     return text.split("Output", 1)[0].replace('"', "")

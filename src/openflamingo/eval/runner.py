@@ -25,7 +25,14 @@ from .datasets import Example, resolve_images
 from .demos import AttachedDemos, RandomDemos, RicesDemos, demo_pool_error
 from .distributed import Ranks, gather, init_ranks, shard
 from .metrics import check_cider_available, score_task
-from .prompts import answer_follows_space, build_prompt, chat_format, num_demos, postprocessor
+from .prompts import (
+    answer_follows_space,
+    build_prompt,
+    dialogue_format,
+    num_demos,
+    postprocessor,
+    until_stop,
+)
 from .tasks import DataPaths, TaskData, TaskPrompt, TaskSpec, describe, get_task, load_task_data
 from .vqa_metric import DEFAULT_VQA_METRIC, check_vqa_metric
 
@@ -214,13 +221,13 @@ def run_trial(
     records = []
     for batch in tqdm(batches, desc=label, disable=not (config.progress and ranks.is_main)):
         demos = [selector.select(example, count) if count else [] for _, example in batch]
-        chat = chat_format(model)
+        dialogue = dialogue_format(model)
         prompts = [
-            build_prompt(spec.prompt, d, e, shots, chat) for d, (_, e) in zip(demos, batch, strict=True)
+            build_prompt(spec.prompt, d, e, shots, dialogue) for d, (_, e) in zip(demos, batch, strict=True)
         ]
         if spec.kind == "generate":
             raw = inference.generate(model, prompts, spec.decoding, device)
-            answers = [prepared.postprocess(text) for text in raw]
+            answers = [prepared.postprocess(until_stop(text, model.stop_strings())) for text in raw]
             predictions = [{"resps": [r], "prediction": a} for r, a in zip(raw, answers, strict=True)]
         else:
             examples = [e for _, e in batch]
@@ -228,7 +235,9 @@ def run_trial(
             names = [prepared.data.class_names or e.info["choices"] for e in examples]
             predictions = [class_prediction(n, row) for n, row in zip(names, scores, strict=True)]
         for (index, example), ds, prompt, prediction in zip(batch, demos, prompts, predictions, strict=True):
-            records.append(sample_record(spec, index, example, ds, prompt, prediction, shots, trial, seed))
+            # the prompt as the model read it, in its own tokens (IDEFICS': <fake_token_around_image>, </s>)
+            seen = dataclasses.replace(prompt, text=model.config.special_tokens.model_text(prompt.text))
+            records.append(sample_record(spec, index, example, ds, seen, prediction, shots, trial, seed))
     return records
 
 
@@ -244,7 +253,7 @@ def rank_with_ensembles(model, prepared, demos, examples, shots, seed, class_ids
     total = None
     for k in range(len(orders_per_example[0])):
         prompts = [
-            build_prompt(spec.prompt, orders[k], e, shots, chat_format(model))
+            build_prompt(spec.prompt, orders[k], e, shots, dialogue_format(model))
             for orders, e in zip(orders_per_example, examples, strict=True)
         ]
         if class_ids is None:
@@ -273,7 +282,14 @@ def demo_orders(demos: list[Example], wanted: int, seed: str) -> list[list[Examp
 
 
 def tokenize_answers(model, spec: TaskSpec, names: list[str]) -> list[list[int]]:
-    follows_space = answer_follows_space(spec.prompt.template) and chat_format(model) is None
+    """The class names as the prompt's continuation: after a space where the template that ends the prompt
+    writes one before its answer (the task's, or a flamingo-kind dialogue format's: IDEFICS-instruct's
+    "Assistant: {answer}"); a chat template's generation prompt ends with its own whitespace."""
+    dialogue = dialogue_format(model)
+    if dialogue is None:
+        follows_space = answer_follows_space(spec.prompt.template)
+    else:
+        follows_space = dialogue[0].kind == "flamingo" and answer_follows_space(dialogue[0].template)
     space = " " if follows_space else ""
     return inference.tokenize_class_names(model.tokenizer, [space + n for n in names])
 

@@ -69,8 +69,8 @@ WHY_IGNORED = {
     "use_cache": "generation always uses the KV cache",
     "initializer_range": "initialisation only; every weight comes from the checkpoint",
     "initializer_factor": "initialisation only",
-    "torch_dtype": "openflamingo builds in fp32 and casts at run time (--dtype, precision.*)",
-    "dtype": "openflamingo builds in fp32 and casts at run time",
+    "torch_dtype": "the tensors keep the dtype they are stored in; loading builds fp32 and casts at run time",
+    "dtype": "the tensors keep the dtype they are stored in",
     "vision_model_name": "the vision tower's weights are in the checkpoint",
     "vision_model_params": "loading options of the original training code; the weights are in the checkpoint",
     "attention_dropout": "must be 0 (checked); openflamingo's blocks have no dropout",
@@ -429,13 +429,22 @@ def convert_idefics_state_dict(
 
 # ----- the whole directory ---------------------------------------------------------------------------------------
 def convert_idefics(
-    source: str | Path, out: str | Path, overwrite: bool = False, instruct: bool | None = None
+    source: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    instruct: bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> IdeficsReport:
     """Convert an IDEFICS directory into a self-contained openflamingo checkpoint at `out` (LM, vision tower and
     the Flamingo parts in one model.safetensors). `instruct` (default: whether the directory's name says
-    "instruct") records the -instruct models' prompt format."""
+    "instruct") records the -instruct models' prompt format. The tensors keep their stored dtype (the Hub's are
+    bf16) unless `dtype` is given.
+
+    The model is built without weights (model/skeleton.py) and the checkpoint's tensors become its parameters, so
+    memory holds one copy of the weights (the one `save_pretrained` writes), not a random fp32 model besides."""
     from ..build import build_flamingo, load_tokenizer
-    from ..checkpoint import load_strict, save_pretrained, stored_keys
+    from ..checkpoint import save_pretrained, stored_keys
+    from ..skeleton import assign_weights, parameters_on_meta
 
     source, out = Path(source), Path(out)
     if out.exists() and not overwrite:
@@ -448,8 +457,11 @@ def convert_idefics(
     model_config = idefics_flamingo_config(source, config, tokenizer, instruct)
     state = read_idefics_weights(source)
     converted = convert_idefics_state_dict(state, model_config.cross_attention.every_n_layers, report)
-    model = build_flamingo(model_config)
+    if dtype is not None:
+        converted = {key: tensor.to(dtype) for key, tensor in converted.items()}
+    with parameters_on_meta():
+        model = build_flamingo(model_config)
     expected = stored_keys(model.config, model.state_dict(), True, model.decoder_layers_path)
-    load_strict(model, converted, expected, source=source)
+    assign_weights(model, converted, expected, source=source)
     save_pretrained(model, out, include_backbones=True, overwrite=overwrite)
     return report

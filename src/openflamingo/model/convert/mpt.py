@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_directory
+from ..skeleton import parameters_on_meta
 
 # Config fields that only shape training-time initialisation or describe the file: not needed to run the model.
 _INIT_FIELDS = {
@@ -466,8 +467,9 @@ def load_mpt_with_qk_layernorm(directory: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
-    lm = AutoModelForCausalLM.from_config(config)
-    add_qk_layernorm(lm)
+    with parameters_on_meta():  # every parameter comes from the files: build none (model/skeleton.py)
+        lm = AutoModelForCausalLM.from_config(config)
+        add_qk_layernorm(lm)
     state = read_weights(directory)
     own = lm.state_dict()
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
@@ -477,11 +479,12 @@ def load_mpt_with_qk_layernorm(directory: Path):
         raise ValueError(
             f"{directory}: weights do not match the QK-LayerNorm MPT: missing {missing[:5]}, unknown {unknown[:5]}"
         )
-    with torch.no_grad():
-        for key, tensor in state.items():
-            if own[key].shape != tensor.shape:
-                raise ValueError(
-                    f"{directory}: {key} has shape {tuple(tensor.shape)}; expected {tuple(own[key].shape)}"
-                )
-            own[key].copy_(tensor)
+    for key, tensor in state.items():
+        if own[key].shape != tensor.shape:
+            raise ValueError(
+                f"{directory}: {key} has shape {tuple(tensor.shape)}; expected {tuple(own[key].shape)}"
+            )
+    lm.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        lm.tie_weights()  # the output layer is wte itself again, not the meta tensor it was built with
     return lm
