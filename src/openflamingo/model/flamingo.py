@@ -37,7 +37,13 @@ from .language import (
 )
 from .loss import cross_entropy_sum
 from .media import MediaState
-from .packing import document_starts, packed_attention_mask
+from .packing import (
+    document_spans,
+    document_starts,
+    packed_attention_mask,
+    runs_document_attention,
+    use_document_attention,
+)
 from .perceiver import PerceiverResampler
 from .vision import VisionEncoder
 
@@ -115,6 +121,7 @@ class Flamingo(nn.Module):
             layers[index].requires_grad_(True)
         vision_encoder.requires_grad_(config.train_vision_encoder)
         self._lm_takes_position_ids = forward_accepts(language_model, "position_ids")
+        use_document_attention(language_model)
         self._cache_argument = "cache" if forward_accepts(language_model, "cache") else "past_key_values"
         self._last_logits_only = (
             {"logits_to_keep": 1} if forward_accepts(language_model, "logits_to_keep") else {}
@@ -342,6 +349,8 @@ class Flamingo(nn.Module):
                 "their positions; use padded batches"
             )
         positions = torch.arange(input_ids.shape[1], device=input_ids.device) - document_starts(document_ids)
+        if runs_document_attention(self.language_model):
+            return {"position_ids": positions, "document_spans": document_spans(document_ids)}
         dtype = self.language_model.get_input_embeddings().weight.dtype
         return {"attention_mask": packed_attention_mask(document_ids, dtype), "position_ids": positions}
 

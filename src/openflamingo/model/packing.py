@@ -2,11 +2,25 @@
 
 `document_ids` (B, L) holds 0 on padding and 1, 2, ... for the documents of a row, in order; the images of a row are
 its documents' images in order.
+
+Self-attention over packed rows runs per document where the LM takes transformers' attention interface: its
+attention becomes `document_attention`, which calls SDPA with `is_causal` on each document's span of the row and, when
+no spans are given (unpacked batches, generation), is transformers' own SDPA attention. LMs without that interface
+get the dense (B, 1, L, L) block-diagonal mask of `packed_attention_mask`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+DOCUMENT_ATTENTION = "openflamingo_documents"
+# Per row, the [start, end) of each run of equal document ids (padding runs included), in order.
+DocumentSpans = list[list[tuple[int, int]]]
 
 
 def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
@@ -35,3 +49,78 @@ def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> tor
     allowed |= torch.eye(length, dtype=torch.bool, device=device)  # padding sees itself: no all-masked rows
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
+    """The runs of equal ids in each row of `document_ids` (one wait for the device)."""
+    ids = document_ids.cpu()
+    length = ids.shape[1]
+    spans = []
+    for row in ids:
+        starts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist()]
+        spans.append(list(zip(starts, [*starts[1:], length], strict=True)))
+    return spans
+
+
+@torch.compiler.disable  # the spans are data: compiled, every new layout would be a new graph
+def document_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    document_spans: DocumentSpans | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D).
+    With `document_spans`, each document attends causally to itself only (the mask is not needed)."""
+    if document_spans is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if key.shape[2] != query.shape[2]:
+        raise ValueError("per-document attention takes whole packed rows, without a cache")
+    grouped = key.shape[1] != query.shape[1]
+    rows = [
+        torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    query[b : b + 1, :, start:end],
+                    key[b : b + 1, :, start:end],
+                    value[b : b + 1, :, start:end],
+                    dropout_p=dropout,
+                    is_causal=True,
+                    scale=scaling,
+                    enable_gqa=grouped,
+                )
+                for start, end in spans
+            ],
+            dim=2,
+        )
+        for b, spans in enumerate(document_spans)
+    ]
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(DOCUMENT_ATTENTION, document_attention)
+AttentionMaskInterface.register(DOCUMENT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def use_document_attention(language_model: nn.Module) -> None:
+    """Switch an LM on transformers' SDPA attention to `document_attention` (the same function on unpacked
+    batches); others (eager, flash, sliding-window or soft-capped attention, no attention interface) stay as they
+    are and packed rows give them the dense mask."""
+    config = language_model.config
+    if (
+        getattr(language_model, "_supports_attention_backend", False)
+        and config._attn_implementation == "sdpa"
+        and getattr(config, "sliding_window", None) is None
+        and getattr(config, "attn_logit_softcapping", None) is None
+    ):
+        language_model.set_attn_implementation(DOCUMENT_ATTENTION)
+
+
+def runs_document_attention(language_model: nn.Module) -> bool:
+    return language_model.config._attn_implementation == DOCUMENT_ATTENTION
