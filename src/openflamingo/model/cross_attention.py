@@ -94,6 +94,49 @@ def media_attention_mask(
     return allowed
 
 
+@dataclass(frozen=True)
+class ImageSpans:
+    """With only_attend_immediate_media each token sees one image: per row, runs (start, end, image) of tokens that
+    all see the 1-based image `image` (0: none), so a run attends to that image's visual tokens alone instead of all
+    T * tokens_per_image of the row under a mask."""
+
+    rows: list[list[tuple[int, int, int]]]
+    tokens_per_image: int
+
+
+def image_spans(text_time: torch.Tensor, tokens_per_image: int) -> ImageSpans:
+    """The runs of equal `text_time` in each row (one wait for the device)."""
+    times = text_time.cpu()
+    length = times.shape[1]
+    rows = []
+    for row in times:
+        starts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist()]
+        ends = [*starts[1:], length]
+        rows.append([(start, end, int(row[start])) for start, end in zip(starts, ends, strict=True)])
+    return ImageSpans(rows, tokens_per_image)
+
+
+@torch.compiler.disable  # the spans are data: compiled, every new layout would be a new graph
+def attend_per_image(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, spans: ImageSpans
+) -> torch.Tensor:
+    """q (B, H, L, d), keys/values (B, H_kv, T*n, d) -> (B, H, L, d); runs that see no image get zeros."""
+    grouped, n = keys.shape[1] != q.shape[1], spans.tokens_per_image
+    rows = []
+    for b, row in enumerate(spans.rows):
+        pieces = []
+        for start, end, image in row:
+            if image == 0:
+                pieces.append(q.new_zeros(1, q.shape[1], end - start, values.shape[-1]))
+                continue
+            media = slice((image - 1) * n, image * n)
+            query = q[b : b + 1, :, start:end]
+            key, value = keys[b : b + 1, :, media], values[b : b + 1, :, media]
+            pieces.append(F.scaled_dot_product_attention(query, key, value, enable_gqa=grouped))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows)
+
+
 def blank_after_end_of_sequence(
     is_media: torch.Tensor, is_eos: torch.Tensor, carried: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,11 +176,14 @@ class MaskedCrossAttention(nn.Module):
             k = self.k_norm(k)
         return k, v
 
-    def forward(self, x, keys, values, media_mask: torch.Tensor) -> torch.Tensor:
-        """media_mask (B, 1, L, T*n) from media_attention_mask."""
+    def forward(self, x, keys, values, media_mask: torch.Tensor | ImageSpans) -> torch.Tensor:
+        """media_mask: (B, 1, L, T*n) from media_attention_mask, or ImageSpans."""
         q = self.to_q(self.norm(x)).unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
+        if isinstance(media_mask, ImageSpans):
+            out = attend_per_image(q, keys, values, media_mask)
+            return self.to_out(out.transpose(1, 2).flatten(-2))
         # Tokens with no image to see get a harmless full row (a fully masked row makes NaNs), then exact zeros.
         has_media = media_mask.any(dim=-1, keepdim=True)
         out = F.scaled_dot_product_attention(
@@ -159,7 +205,7 @@ class GatedCrossAttentionBlock(nn.Module):
             nn.init.zeros_(self.attn.to_out.weight)
             nn.init.zeros_(self.ff.output.weight)
 
-    def forward(self, x, keys, values, media_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, keys, values, media_mask: torch.Tensor | ImageSpans) -> torch.Tensor:
         x = x + self.attn_gate.tanh() * self.attn(x, keys, values, media_mask)
         return x + self.ff_gate.tanh() * self.ff(x)
 

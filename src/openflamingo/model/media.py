@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .cross_attention import blank_after_end_of_sequence, media_attention_mask
+from .cross_attention import ImageSpans, blank_after_end_of_sequence, image_spans, media_attention_mask
 from .packing import restart_per_document
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]
@@ -41,8 +41,9 @@ class MediaState:
     images_seen: torch.Tensor | None = None
     # (B,) whether an end-of-sequence token came after that image (media_ends_at_eos).
     eos_since_image: torch.Tensor | None = None
-    # Which visual tokens each token of the current LM call may attend to, (B, 1, L, T*n): set by `place`.
-    media_mask: torch.Tensor | None = None
+    # Which visual tokens each token of the current LM call may attend to, set by `place`: a (B, 1, L, T*n) mask,
+    # or, when each token sees one image and the call has several tokens and images, that image per run of tokens.
+    media_mask: torch.Tensor | ImageSpans | None = None
 
     def place(
         self,
@@ -78,7 +79,12 @@ class MediaState:
             carried = self.eos_since_image if num_cached > 0 else None
             blank, self.eos_since_image = blank_after_end_of_sequence(is_media, is_eos, carried)
             text_time = text_time.masked_fill(blank, 0)
-        self.media_mask = media_attention_mask(text_time, media_floor, num_media, tokens_per_media, immediate)
+        if immediate and num_media > 1 and input_ids.shape[1] > 1:
+            self.media_mask = image_spans(text_time, tokens_per_media)
+        else:
+            self.media_mask = media_attention_mask(
+                text_time, media_floor, num_media, tokens_per_media, immediate
+            )
 
     def match_batch(self, batch_size: int) -> None:
         """HF generate expands each prompt to beams / return sequences: expand the visual tokens alike."""
