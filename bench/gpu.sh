@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Ours vs OpenFlamingo 2.0.1 side by side on one GPU at the OpenFlamingo-3B shape (random weights, nothing to
-# download there): the bare training step (frozen weights bf16 and fp32), generation, the largest batch that fits,
-# `openflamingo train` for 30 steps, and a torch.profiler top-10-kernels table of our step. One JSON line per
-# measurement in $OUT/bench.jsonl; logs beside it. Under 8 minutes on an H100/H200 (BUDGET_S bounds the total).
+# download there): our shipped training step (train/loop.py's forward_backward after parallelize, as `openflamingo
+# train` runs by default, and eager) against the peer's, generation, the levers (one-process FSDP2, frozen weights
+# fp32), `openflamingo train` for 30 steps, the largest batch that fits, and a torch.profiler top-10-kernels table
+# of our step. The scripts are in bench/gpu/ (bench/README.md). One JSON line per measurement in $OUT/bench.jsonl;
+# logs beside it. Under 8 minutes on an H100/H200 (BUDGET_S bounds the total; pieces past it are skipped).
 #
 # The device machine is bare (python3 3.12 with CUDA torch, transformers 5.x, timm, einops, tensorboard) and reaches
 # no registry, so what it lacks travels as wheels in .gpu/whl (git-ignored). Download them once, here:
@@ -14,7 +16,7 @@
 #     ftfy==6.3.1 wcwidth==0.9.4 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2
 # then, with the device tool: run(command="bash bench/gpu.sh", carry=[".gpu"], timeout_s=540).
 #
-# CPU smoke test (a few minutes; the peer venv from ../shared/tools/peer/setup.sh, whose torchvision needs a shim):
+# CPU smoke test (under a minute; the peer venv from ../shared/tools/peer/setup.sh, whose torchvision needs a shim):
 #   SIZE=tiny PY_OURS=.venv/bin/python PY_PEER=/tmp/peer-venv/bin/python PEER_TOOLS=../shared/tools/peer bash bench/gpu.sh
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,7 +27,7 @@ WHL=${WHL:-$REPO/.gpu/whl}
 PY_OURS=${PY_OURS:-python3}
 PY_PEER=${PY_PEER:-python3}
 BUDGET_S=${BUDGET_S:-450}
-PIECES=${PIECES:-"ours peer cli maxbatch"}  # a rerun can take fewer, e.g. PIECES=cli (install and assets always run)
+PIECES=${PIECES:-"ours peer levers cli maxbatch"}  # a rerun can take fewer, e.g. PIECES=levers (install and assets always run)
 WORK=${WORK:-/tmp/bench}  # assets, installed wheels and the CLI run: large, kept out of $OUT
 ASSETS=$WORK/assets RUN=$WORK/run SITE=$WORK/site
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -40,7 +42,7 @@ RESERVE_S=15  # kept for the summary
 
 # stage NAME CAP_S LOGFILE CMD...: CMD under `timeout` of CAP_S or the time left, whichever is less; skipped when
 # under 20 s are left. Sets STAGE_RC and STAGE_S, and records both as a JSON line. STAGE_DEADLINE tells CMD when it
-# will be stopped (gpu.py's batch search ends its trials before that).
+# will be stopped (the batch search in bench/gpu/common.py ends its trials before that).
 stage() {
   local name=$1 cap=$2 log=$3
   shift 3
@@ -85,36 +87,44 @@ if missing "$PY_PEER" open_flamingo open_clip; then
 fi
 OURS=(env PYTHONPATH="$OURS_PATH" "$PY_OURS")  # arrays, not functions: `timeout` runs programs
 PEER=(env PYTHONPATH="$PEER_PATH" "$PY_PEER")
-GPU_PY=(bench/gpu.py --size "$SIZE" --assets "$ASSETS" --jsonl "$JSONL")
+ARGS=(--size "$SIZE" --assets "$ASSETS" --jsonl "$JSONL")
 
 # Assets with the peer's transformers 4.57, whose files transformers 5 also reads; with ours if that fails.
-stage assets 150 "$LOG" "${PEER[@]}" "${GPU_PY[@]}" assets
+stage assets 150 "$LOG" "${PEER[@]}" bench/gpu/assets.py "${ARGS[@]}"
 if (( STAGE_RC != 0 )); then
-  stage assets-ours 150 "$LOG" "${OURS[@]}" "${GPU_PY[@]}" assets
+  stage assets-ours 150 "$LOG" "${OURS[@]}" bench/gpu/assets.py "${ARGS[@]}"
 fi
 
+# Ours: the default step (compiled on a GPU) with its profile, then eager; generation in a process of its own.
 if want ours; then
-  stage ours 180 "$LOG" "${OURS[@]}" "${GPU_PY[@]}" ours --what train profile gen --profile-table "$OUT/profile.txt"
+  stage ours 240 "$LOG" "${OURS[@]}" bench/gpu/ours.py "${ARGS[@]}" --what train profile --variants default eager \
+    --profile-table "$OUT/profile.txt"
+  stage ours-gen 90 "$LOG" "${OURS[@]}" bench/gpu/ours.py "${ARGS[@]}" --what gen
 fi
 if want peer; then
-  stage peer 150 "$LOG" "${PEER[@]}" "${GPU_PY[@]}" peer --what train gen
+  stage peer 150 "$LOG" "${PEER[@]}" bench/gpu/peer.py "${ARGS[@]}" --what train gen
+fi
+# The levers against the default step: FSDP2 with its mixed precision on this one process, frozen weights fp32.
+if want levers; then
+  stage levers 180 "$LOG" "${OURS[@]}" bench/gpu/ours.py "${ARGS[@]}" --what train --variants fsdp eager-frozen-fp32
 fi
 
 # The CLI on the same shape, 30 steps; its metrics.jsonl comes back as it is, and one JSON line of medians.
 if want cli; then
-  mapfile -t CLI_ARGS < <("${OURS[@]}" "${GPU_PY[@]}" cli-args --run-dir "$RUN")
+  mapfile -t CLI_ARGS < <("${OURS[@]}" bench/gpu/cli_run.py args "${ARGS[@]}" --run-dir "$RUN")
   stage cli 200 "$OUT/cli.log" "${OURS[@]}" -m openflamingo.train --config bench/of3b-synthetic.toml "${CLI_ARGS[@]}"
-  "${OURS[@]}" "${GPU_PY[@]}" cli --metrics "$RUN/metrics.jsonl" --wall-s "$STAGE_S" --rc "$STAGE_RC" >> "$LOG" 2>&1
+  "${OURS[@]}" bench/gpu/cli_run.py record "${ARGS[@]}" --metrics "$RUN/metrics.jsonl" --wall-s "$STAGE_S" \
+    --rc "$STAGE_RC" >> "$LOG" 2>&1
   cp "$RUN/metrics.jsonl" "$OUT/metrics.jsonl" 2>/dev/null
   rm -rf "$RUN"  # its checkpoint is large
 fi
 
 # The largest batch that fits, last: each search starts a fresh process, so memory from earlier runs is gone.
 if want maxbatch; then
-  stage maxbatch-ours 120 "$LOG" "${OURS[@]}" "${GPU_PY[@]}" ours --what maxbatch
-  stage maxbatch-peer 120 "$LOG" "${PEER[@]}" "${GPU_PY[@]}" peer --what maxbatch
+  stage maxbatch-ours 120 "$LOG" "${OURS[@]}" bench/gpu/ours.py "${ARGS[@]}" --what maxbatch --variants default
+  stage maxbatch-peer 120 "$LOG" "${PEER[@]}" bench/gpu/peer.py "${ARGS[@]}" --what maxbatch
 fi
 
-"${OURS[@]}" "${GPU_PY[@]}" summary >> "$LOG" 2>&1
+"${OURS[@]}" bench/gpu/summary.py "${ARGS[@]}" >> "$LOG" 2>&1
 echo "== done in $(( $(date +%s) - START ))s; JSON lines in $JSONL:"
 cat "$JSONL"

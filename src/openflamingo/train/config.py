@@ -48,6 +48,9 @@ class DataConfig:
     # instead of decoding, preprocessing and encoding every image at every step: its output for an image never
     # changes while it is frozen. "shards" loader only; costs disk (images x num_tokens x dim x dtype bytes).
     feature_cache: bool = False
+    # How the cache stores the tokens: "auto" (the encoder's output dtype: exact) | "bf16" | "fp16" | "fp32". bf16 or
+    # fp16 halve an fp32 output's disk; lookups cast back, so the loss moves by that rounding only.
+    feature_dtype: str = "auto"
 
 
 @dataclass
@@ -95,7 +98,9 @@ class ParallelConfig:
     activation_checkpointing: bool = (
         False  # recompute each (cross-attention + decoder layer) unit in backward
     )
-    compile: bool = False  # torch.compile the decoder layers, cross-attention blocks and perceiver
+    # torch.compile the decoder layers, cross-attention blocks and perceiver: "auto" (on CUDA only; on CPUs
+    # compiling costs minutes and gains nothing) | true | false. Any: a string or a bool, checked in validate().
+    compile: Any = "auto"
     compile_backend: str = "inductor"
     fsdp_reshard_after_forward: bool = True
 
@@ -190,6 +195,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "precision.autocast": ("auto", "bf16", "fp32"),
     "precision.frozen_dtype": ("auto", "bf16", "fp32"),
+    "data.feature_dtype": ("auto", "bf16", "fp16", "fp32"),
     "parallel.mode": ("auto", "none", "ddp", "fsdp"),
 }
 
@@ -305,11 +311,15 @@ def validate(config: RunConfig) -> RunConfig:
         "train.device": config.train.device,
         "precision.autocast": config.precision.autocast,
         "precision.frozen_dtype": config.precision.frozen_dtype,
+        "data.feature_dtype": config.data.feature_dtype,
         "parallel.mode": config.parallel.mode,
     }
     for key, value in flat.items():
         if value not in CHOICES[key]:
             raise ValueError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    compile_ = config.parallel.compile
+    if not (isinstance(compile_, bool) or compile_ == "auto"):
+        raise ValueError(f'parallel.compile: expected "auto", true or false, got {compile_!r}')
     t = config.train
     positive = {"train.steps": t.steps, "train.grad_accum": t.grad_accum, "log.every": config.log.every}
     positive["checkpoint.keep"] = config.checkpoint.keep

@@ -43,7 +43,32 @@ def setup(device: str = "auto") -> Distributed:
     return Distributed(rank, world_size, local_rank, dev)
 
 
+# Whether this module initialised a one-process group (init_single_process_group), so teardown() ends it too.
+_owns_single_process_group = False
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A process group of this process alone, where none exists: what FSDP2 needs to wrap a model on one process.
+    Gloo on CPUs, NCCL on GPUs (as `setup`); an in-memory store, since there is no peer to rendezvous with."""
+    global _owns_single_process_group
+    if dist.is_initialized():
+        return
+    cuda = device.type == "cuda"
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+        device_id=device if cuda else None,
+    )
+    _owns_single_process_group = True
+
+
 def teardown(state: Distributed, finished: bool = True) -> None:
+    global _owns_single_process_group
+    if _owns_single_process_group and dist.is_initialized():
+        dist.destroy_process_group()  # one process: no peer to wait for
+        _owns_single_process_group = False
     if state.enabled and dist.is_initialized():
         if finished:
             # Every rank finishes its collectives before any rank tears the group down; destroying a gloo group

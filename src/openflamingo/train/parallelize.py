@@ -4,13 +4,14 @@ DDP / FSDP2 wrapping. Applied in that order (compile before checkpointing, see p
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
 
 from ..model.flamingo import Flamingo
 from .config import RunConfig
-from .distributed import Distributed
+from .distributed import Distributed, init_single_process_group
 
 
 def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
@@ -57,6 +58,13 @@ def apply_activation_checkpointing(model: Flamingo) -> None:
 
 
 # ----- torch.compile --------------------------------------------------------------------------------------------
+def compile_enabled(config: RunConfig, device: torch.device) -> bool:
+    """`parallel.compile`: "auto" compiles on CUDA only. On CPUs inductor takes minutes to build the kernels of a
+    tiny model and the step gains nothing measurable, so there it is on only when asked for."""
+    choice = config.parallel.compile
+    return device.type == "cuda" if choice == "auto" else bool(choice)
+
+
 def apply_compile(model: Flamingo, backend: str) -> None:
     """Compile the repeated units in place (module names and checkpoints stay the same)."""
     for block in model.cross_attn_blocks.values():
@@ -74,10 +82,19 @@ def apply_fsdp(
     """FSDP2: one unit per (decoder layer + its cross-attention block), the perceiver, the vision encoder, and the
     root (embeddings, added tokens, head). The block is grouped with its layer because the layer's pre-hook calls
     it (and reads its key/value projection directly), so both must be unsharded together.
-    Frozen and trainable parameters mix freely: FSDP2 shards per parameter and reduces only existing gradients."""
+    Frozen and trainable parameters mix freely: FSDP2 shards per parameter and reduces only existing gradients.
+
+    On one process (a one-process group is made for it) nothing is sharded, but the mixed precision is the same as
+    with several: the compute copies in `param_dtype` are made when a unit is first unsharded in a step and kept,
+    not resharded, until the step's last backward (see `gradient_sync`); the fp32 weights the optimizer updates and
+    the fp32 gradients are the ones FSDP keeps. `reshard` (parallel.fsdp_reshard_after_forward) applies only with
+    several processes: on one, resharding frees a copy only to cast it again for the backward."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not dist.enabled:
+        init_single_process_group(dist.device)
+        reshard = False
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     # bf16 compute with fp32 master weights and fp32 gradient reduction; also lets frozen bf16 and trainable fp32
     # parameters share a unit (FSDP2 otherwise wants one dtype per unit).
@@ -102,11 +119,13 @@ def apply_ddp(model: Flamingo, dist: Distributed) -> nn.Module:
 
 
 def parallel_mode(config: RunConfig, dist: Distributed) -> str:
+    """The wrapping `parallelize` applies. "fsdp" holds on one process too (its mixed-precision policy is part of
+    what it does); "ddp" on one process is "none": there is nothing to synchronise."""
     mode = config.parallel.mode
     if mode == "auto":
         return "ddp" if dist.enabled else "none"
-    if mode in ("ddp", "fsdp") and not dist.enabled:
-        return "none"  # one process: nothing to shard or synchronise
+    if mode == "ddp" and not dist.enabled:
+        return "none"
     if mode == "none" and dist.enabled:
         raise ValueError(f"parallel.mode: 'none' with {dist.world_size} processes; use 'ddp' or 'fsdp'")
     return mode
@@ -116,11 +135,21 @@ def parallelize(model: Flamingo, config: RunConfig, dist: Distributed) -> nn.Mod
     """The model to train: `model` itself, DDP(model), or `model` sharded in place with FSDP2."""
     cast_frozen(model, frozen_dtype(config, dist.device))  # on the CPU first: half the bytes to move
     mode = parallel_mode(config, dist)
+    if not dist.enabled and config.parallel.mode in ("ddp", "fsdp"):
+        note = {
+            "ddp": "trains the model unwrapped (nothing to synchronise)",
+            "fsdp": "wraps it with FSDP2 on a one-process group, for its mixed precision; units stay unsharded "
+            "through each step (parallel.fsdp_reshard_after_forward applies with several processes)",
+        }
+        print(
+            f"parallel.mode: {config.parallel.mode!r} on one process {note[config.parallel.mode]}",
+            file=sys.stderr,
+        )
     if mode != "fsdp":  # fully_shard moves each rank's shards (and buffers) to the device itself
         model.to(dist.device)
     # Compile inside the checkpoint wrappers: torch.compile accepts no context_fn around a compiled region, so the
     # (eager) checkpoint calls the compiled layer rather than the other way round.
-    if config.parallel.compile:
+    if compile_enabled(config, dist.device):
         apply_compile(model, config.parallel.compile_backend)
     if config.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -139,9 +168,12 @@ def unwrap(model: nn.Module) -> Flamingo:
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
-    """Skip the gradient all-reduce for all but the last backward of an optimizer step."""
+    """Skip the gradient all-reduce for all but the last backward of an optimizer step. FSDP2 on one process also
+    keeps its units unsharded until that last backward: their compute copies are cast once per step."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(enabled)
+        if torch.distributed.get_world_size() == 1:
+            model.set_reshard_after_backward(enabled)
         yield
     elif hasattr(model, "no_sync") and not enabled:  # DDP
         with model.no_sync():

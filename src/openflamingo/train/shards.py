@@ -93,7 +93,9 @@ def build_shard_loader(
             num_workers=options["num_workers"],
             loss_weight=dataset.loss_weight,
         )
-    features = open_feature_cache(configs, model, rank, limits) if data.feature_cache else None
+    features = (
+        open_feature_cache(configs, model, rank, limits, data.feature_dtype) if data.feature_cache else None
+    )
     preprocess = model.vision_encoder.preprocess_image
     mixed = MixedLoader(
         configs, model.tokenizer, preprocess, rank=rank, world_size=world_size, features=features
@@ -101,11 +103,12 @@ def build_shard_loader(
     return StepIterator(mixed)
 
 
-def open_feature_cache(configs: dict, model, rank: int, limits):
+def open_feature_cache(configs: dict, model, rank: int, limits, feature_dtype: str = "auto"):
     """The feature cache of all the datasets' shards for this model's vision encoder, built if missing: by local
     rank 0 of each machine while the machine's other ranks wait for the file (no collective: a build can take
-    longer than a process group's timeout)."""
-    from ..data.features import FeatureCache, build_feature_cache, encoder_fingerprint
+    longer than a process group's timeout). `feature_dtype` ("auto" or a FEATURE_DTYPES name) is how it stores
+    the tokens."""
+    from ..data.features import FEATURE_DTYPES, FeatureCache, build_feature_cache, encoder_fingerprint
     from ..data.shards import expand_shards
 
     encoder = model.vision_encoder
@@ -121,14 +124,20 @@ def open_feature_cache(configs: dict, model, rank: int, limits):
     urls = sorted({url for config in configs.values() for url in expand_shards(config.shards)})
     fingerprint = encoder_fingerprint(model)
     files = [(url, *_size_and_mtime(url)) for url in urls]
-    key = hashlib.sha256(json.dumps([fingerprint, asdict(limits), files]).encode()).hexdigest()[:32]
+    key_parts = [fingerprint, asdict(limits), files]
+    if feature_dtype != "auto":  # "auto" keeps the keys of caches built before the option existed
+        key_parts.append(feature_dtype)
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
     path = cache_dir() / "features" / f"{key}.safetensors"
     if not path.is_file():
         if int(os.environ.get("LOCAL_RANK", rank)) == 0:
-            build_feature_cache(urls, model, path, progress=rank == 0, limits=limits)
+            dtype = FEATURE_DTYPES.get(feature_dtype)
+            build_feature_cache(urls, model, path, progress=rank == 0, limits=limits, feature_dtype=dtype)
         while not path.is_file():  # the builder's failure ends the whole job (torchrun), not this loop
             time.sleep(5)
-    return FeatureCache(path)  # its name holds the encoder's fingerprint: no second hash of the weights
+    cache = FeatureCache(path)  # a truncated or corrupt file: a one-line error naming it
+    cache.check_fingerprint(fingerprint)  # its name holds the fingerprint too; this catches a copied file
+    return cache
 
 
 def _size_and_mtime(url: str) -> tuple[int | None, int | None]:
