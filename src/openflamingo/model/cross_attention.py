@@ -123,18 +123,21 @@ def attend_per_image(
     """q (B, H, L, d), keys/values (B, H_kv, T*n, d) -> (B, H, L, d); runs that see no image get zeros."""
     grouped, n = keys.shape[1] != q.shape[1], spans.tokens_per_image
     rows = []
-    for b, row in enumerate(spans.rows):
-        pieces = []
-        for start, end, image in row:
-            if image == 0:
-                pieces.append(q.new_zeros(1, q.shape[1], end - start, values.shape[-1]))
-                continue
-            media = slice((image - 1) * n, image * n)
-            query = q[b : b + 1, :, start:end]
-            key, value = keys[b : b + 1, :, media], values[b : b + 1, :, media]
-            pieces.append(F.scaled_dot_product_attention(query, key, value, enable_gqa=grouped))
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows)
+    # Split, not sliced: the backward of a slice fills a zero tensor of the whole input per slice.
+    for row, *tensors in zip(spans.rows, q.unbind(0), keys.unbind(0), values.unbind(0), strict=True):
+        queries, row_keys, row_values = tensors
+        queries = queries.split([end - start for start, end, _ in row], dim=1)
+        image_keys, image_values = row_keys.split(n, dim=1), row_values.split(n, dim=1)
+        pieces = [
+            F.scaled_dot_product_attention(
+                query, image_keys[image - 1], image_values[image - 1], enable_gqa=grouped
+            )
+            if image
+            else torch.zeros_like(query)
+            for query, (_, _, image) in zip(queries, row, strict=True)
+        ]
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.stack(rows)
 
 
 def blank_after_end_of_sequence(

@@ -74,16 +74,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 h, t = hidden[rows].to(dtype), targets[rows]
                 base = F.linear(h, base_weight, base_bias).float()
                 extra = F.linear(h, extra_weight, extra_bias).float()
-                log_normaliser = torch.logaddexp(base.logsumexp(-1), extra.logsumexp(-1))
                 is_added = t >= first
                 base_target = base.gather(1, t.clamp(max=first - 1)[:, None]).squeeze(1)
                 added_target = extra.gather(1, (t - first).clamp(min=0)[:, None]).squeeze(1)
+                # The softmax in place, over both parts of the vocabulary: a chunk's logits are the largest tensors
+                # here, and on CPUs each new one of them costs more (fresh pages) than the arithmetic on it.
+                shift = torch.maximum(base.amax(-1, keepdim=True), extra.amax(-1, keepdim=True))
+                base_grad, extra_grad = base.sub_(shift).exp_(), extra.sub_(shift).exp_()
+                normaliser = base_grad.sum(-1, keepdim=True) + extra_grad.sum(-1, keepdim=True)
+                log_normaliser = (shift + normaliser.log()).squeeze(1)
                 total += (log_normaliser - torch.where(is_added, added_target, base_target)).sum()
                 if not grads:
                     continue
-                # d loss / d logits = softmax - one-hot(target), over both parts of the vocabulary.
-                base_grad = (base - log_normaliser[:, None]).exp_()
-                extra_grad = (extra - log_normaliser[:, None]).exp_()
+                # d loss / d logits = softmax - one-hot(target).
+                base_grad.div_(normaliser)
+                extra_grad.div_(normaliser)
                 # Subtracting the one-hot by scatter, not by boolean indexing, which would wait for the device.
                 base_grad.scatter_add_(1, t.clamp(max=first - 1)[:, None], -(~is_added).float()[:, None])
                 extra_grad.scatter_add_(1, (t - first).clamp(min=0)[:, None], -is_added.float()[:, None])

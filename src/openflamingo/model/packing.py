@@ -83,25 +83,18 @@ def document_attention(
     if key.shape[2] != query.shape[2]:
         raise ValueError("per-document attention takes whole packed rows, without a cache")
     grouped = key.shape[1] != query.shape[1]
-    rows = [
-        torch.cat(
-            [
-                F.scaled_dot_product_attention(
-                    query[b : b + 1, :, start:end],
-                    key[b : b + 1, :, start:end],
-                    value[b : b + 1, :, start:end],
-                    dropout_p=dropout,
-                    is_causal=True,
-                    scale=scaling,
-                    enable_gqa=grouped,
-                )
-                for start, end in spans
-            ],
-            dim=2,
-        )
-        for b, spans in enumerate(document_spans)
-    ]
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+    rows = []
+    # Split, not sliced: the backward of a slice fills a zero tensor of the whole input per slice.
+    for spans, *row in zip(document_spans, query.unbind(0), key.unbind(0), value.unbind(0), strict=True):
+        lengths = [end - start for start, end in spans]
+        pieces = [
+            F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=grouped
+            )
+            for q, k, v in zip(*(tensor.split(lengths, dim=1) for tensor in row), strict=True)
+        ]
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(DOCUMENT_ATTENTION, document_attention)
