@@ -47,14 +47,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
 
 SKIMAGE = FIXTURES / "skimage-clip-captions"
 ALLENNLP = FIXTURES / "allennlp-vl-fixtures"
-TINY_SIGLIP = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=16,
-)
+TINY_SIGLIP = dict(TINY_CLIP)  # the same tiny tower shape
 OPEN_CLIP = json.loads((Path(__file__).parent / "fixtures" / "vision" / "open_clip_config.json").read_text())
 # OpenFlamingo-3B/4B/9B's CLIP ViT-L/14 at 224 px as a 1-layer tower: the same 256 patch tokens x 1024 dims.
 # How far narrow storage may move the loss (relative) and the perceiver's output (absolute, output ~3 in size); the

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import FeedForwardKind, Norm, check_choices, make_feed_forward, make_norm
+from .packing import equal_runs
 
 
 @dataclass
@@ -106,14 +107,7 @@ class ImageSpans:
 
 def image_spans(text_time: torch.Tensor, tokens_per_image: int) -> ImageSpans:
     """The runs of equal `text_time` in each row (one wait for the device)."""
-    times = text_time.cpu()
-    length = times.shape[1]
-    rows = []
-    for row in times:
-        starts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist()]
-        ends = [*starts[1:], length]
-        rows.append([(start, end, int(row[start])) for start, end in zip(starts, ends, strict=True)])
-    return ImageSpans(rows, tokens_per_image)
+    return ImageSpans(equal_runs(text_time), tokens_per_image)
 
 
 @torch.compiler.disable  # the spans are data: compiled, every new layout would be a new graph

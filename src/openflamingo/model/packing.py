@@ -51,15 +51,21 @@ def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> tor
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
-    """The runs of equal ids in each row of `document_ids` (one wait for the device)."""
-    ids = document_ids.cpu()
-    length = ids.shape[1]
-    spans = []
-    for row in ids:
+def equal_runs(values: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """Per row of `values` (B, L), its runs of equal values as (start, end, value) (one wait for the device)."""
+    values = values.cpu()
+    length = values.shape[1]
+    runs = []
+    for row in values:
         starts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist()]
-        spans.append(list(zip(starts, [*starts[1:], length], strict=True)))
-    return spans
+        ends = [*starts[1:], length]
+        runs.append([(start, end, int(row[start])) for start, end in zip(starts, ends, strict=True)])
+    return runs
+
+
+def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
+    """The runs of equal ids in each row of `document_ids`."""
+    return [[(start, end) for start, end, _ in row] for row in equal_runs(document_ids)]
 
 
 @torch.compiler.disable  # the spans are data: compiled, every new layout would be a new graph
