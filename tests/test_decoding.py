@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_model import batch, tiny_config
+from transformers import CompileConfig
 
 from openflamingo import build_flamingo
 
@@ -67,6 +68,24 @@ def test_a_prompt_prefilled_in_chunks_continues_as_when_prefilled_at_once(model,
     torch.testing.assert_close(
         model.decode_step(state, token), model.decode_step(whole, token), atol=1e-5, rtol=0
     )
+
+
+def test_static_cache_decoding_compiles_without_graph_breaks_and_generates_the_same_tokens(model):
+    # What generate does on CUDA (a static cache, which HF decodes with a compiled forward), here on CPU with the
+    # eager backend: fullgraph=True fails on any graph break in the hooks, the media state or the attention.
+    inputs = batch(model, prompts(model), [2, 1])
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    expected = model.generate(**inputs, **greedy)
+    compile_config = CompileConfig(backend="eager", mode=None, fullgraph=True)
+    compile_config._compile_all_devices = True  # HF compiles only on accelerators otherwise
+    torch._dynamo.reset()
+    static = model.generate(**inputs, **greedy, cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(static, expected)
+    assert model._decodes_compiled(torch.device("cuda"), {})
+    assert not model._decodes_compiled(torch.device("cpu"), {})
+    assert not model._decodes_compiled(torch.device("cuda"), {"num_beams": 2})
+    assert not model._decodes_compiled(torch.device("cuda"), {"use_cache": False})
+    assert not model._decodes_compiled(torch.device("cuda"), {"cache_implementation": "dynamic"})
 
 
 def test_a_later_chunk_takes_no_images(model):

@@ -168,14 +168,16 @@ class MaskedCrossAttention(nn.Module):
     def media_keys_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """media (B, T, n, D_vis) -> keys, values (B, kv_heads, T*n, dim_head); computed once per image set."""
         k, v = self.to_kv(media.flatten(1, 2)).chunk(2, dim=-1)
-        k, v = (t.unflatten(-1, (self.kv_heads, self.dim_head)).transpose(1, 2) for t in (k, v))
+        k, v = (torch.unflatten(t, -1, (self.kv_heads, self.dim_head)).transpose(1, 2) for t in (k, v))
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return k, v
+        # Contiguous once here, instead of copied by attention at every decode step that reuses them.
+        return k.contiguous(), v.contiguous()
 
     def forward(self, x, keys, values, media_mask: torch.Tensor | ImageSpans) -> torch.Tensor:
         """media_mask: (B, 1, L, T*n) from media_attention_mask, or ImageSpans."""
-        q = self.to_q(self.norm(x)).unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
+        # torch.unflatten, not Tensor.unflatten: compiled decode steps trace the former without a graph break.
+        q = torch.unflatten(self.to_q(self.norm(x)), -1, (self.heads, self.dim_head)).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if isinstance(media_mask, ImageSpans):

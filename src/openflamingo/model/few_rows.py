@@ -30,7 +30,10 @@ class FewRowLinear(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // max(x.shape[-1], 1)
             if 1 < rows <= MAX_ROWS and weight.ndim == 2 and x.device.type == "cpu":
-                out = (weight @ x.reshape(rows, x.shape[-1]).T).T.reshape(*x.shape[:-1], weight.shape[0])
+                # A transposed input (the output of an earlier reordered product) would make x.T contiguous: the
+                # slow kernel again (642 vs 153 us for 4 rows through 512 x 2048 on an AMD EPYC).
+                x2d = x.reshape(rows, x.shape[-1]).contiguous()
+                out = (weight @ x2d.T).T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
                 return out if bias is None else out + bias
         return func(*args, **kwargs)
 

@@ -121,6 +121,8 @@ class Flamingo(nn.Module):
             layers[index].requires_grad_(True)
         vision_encoder.requires_grad_(config.train_vision_encoder)
         self._lm_takes_position_ids = forward_accepts(language_model, "position_ids")
+        # Read once: the tokenizer's property is C++ that compiled decode steps cannot trace.
+        self._media_end_id = tokenizer.eos_token_id if config.cross_attention.media_ends_at_eos else None
         use_document_attention(language_model)
         self._cache_argument = "cache" if forward_accepts(language_model, "cache") else "past_key_values"
         self._last_logits_only = (
@@ -136,7 +138,7 @@ class Flamingo(nn.Module):
         language_model.get_output_embeddings().register_forward_pre_hook(self._select_logit_positions)
         language_model.get_output_embeddings().register_forward_hook(self._append_added_logits)
         for i in self.cross_attn_blocks:
-            layers[int(i)].register_forward_pre_hook(partial(self._cross_attend, int(i)), with_kwargs=True)
+            layers[int(i)].register_forward_pre_hook(partial(self._cross_attend, i), with_kwargs=True)
 
     # ----- hooks on the language model -------------------------------------------------------------------------
     def _prepare_lm_call(self, lm, args, kwargs):
@@ -154,20 +156,27 @@ class Flamingo(nn.Module):
             args = (None, *args[1:])
         return args, kwargs
 
-    def _place_tokens(self, media: MediaState, input_ids: torch.Tensor, num_cached: int) -> None:
+    def _place_tokens(
+        self, media: MediaState, input_ids: torch.Tensor, num_cached: int | torch.Tensor
+    ) -> None:
         cross = self.config.cross_attention
-        eos = self.tokenizer.eos_token_id if cross.media_ends_at_eos else None
-        media.place(input_ids, num_cached, self.special_ids.media, eos, cross.only_attend_immediate_media)
+        media.place(
+            input_ids,
+            num_cached,
+            self.special_ids.media,
+            self._media_end_id,
+            cross.only_attend_immediate_media,
+        )
 
-    def _cross_attend(self, index: int, layer, args, kwargs):
+    def _cross_attend(self, key: str, layer, args, kwargs):
         media = self._media
         if media is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        block = self.cross_attn_blocks[str(index)]
-        if index not in media.keys_values:
-            media.keys_values[index] = block.attn.media_keys_values(media.visual_tokens.to(hidden.dtype))
-        keys, values = media.keys_values[index]
+        block = self.cross_attn_blocks[key]
+        if key not in media.keys_values:
+            media.keys_values[key] = block.attn.media_keys_values(media.visual_tokens.to(hidden.dtype))
+        keys, values = media.keys_values[key]
         hidden = block(hidden, keys, values, media.media_mask)
         if args:
             return (hidden, *args[1:]), kwargs
@@ -366,9 +375,13 @@ class Flamingo(nn.Module):
         """HF `generate` (greedy, beam search, sampling, ...) conditioned on the images; stops where the prompt
         format's answers end (`stop_token_ids`).
 
-        Prompts are left-padded; returns the prompt followed by the new tokens, like HF generate.
+        Prompts are left-padded; returns the prompt followed by the new tokens, like HF generate. On CUDA, one-beam
+        decoding of an LM that compiles (`_can_compile_fullgraph`) uses a static KV cache, which HF then decodes
+        with a compiled, CUDA-graphed forward; pass `cache_implementation="dynamic"` to turn that off.
         """
         self.check_inputs(input_ids, images, attention_mask, num_images)
+        if self._decodes_compiled(input_ids.device, generate_kwargs):
+            generate_kwargs["cache_implementation"] = "static"
         generate_kwargs.setdefault("eos_token_id", self.stop_token_ids())
         generate_kwargs.setdefault("pad_token_id", self.special_ids.pad)
         longer = self.multi_token_stops()
@@ -377,13 +390,24 @@ class Flamingo(nn.Module):
         lm_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **generate_kwargs}
         media = None
         if images is not None:  # tokens after the prompt's columns are generated: they start no image
-            media = MediaState(self.encode_images(images, num_images), prompt_length=input_ids.shape[1])
+            visual_tokens = self.encode_images(images, num_images)
+            media = MediaState(visual_tokens, prompt_length=input_ids.shape[1], validated=True)
         with (
             self._config_vocab_includes_added_tokens(),
             self._calling(media),
             few_row_products(input_ids.device),
         ):
             return self.language_model.generate(**lm_kwargs)
+
+    def _decodes_compiled(self, device: torch.device, generate_kwargs: dict) -> bool:
+        cache_given = any(k in generate_kwargs for k in ("cache_implementation", "past_key_values", "cache"))
+        return (
+            device.type == "cuda"
+            and not cache_given
+            and generate_kwargs.get("num_beams", 1) == 1
+            and generate_kwargs.get("use_cache", True)
+            and getattr(self.language_model, "_can_compile_fullgraph", False)
+        )
 
     @torch.no_grad()
     def prefill(

@@ -235,14 +235,16 @@ def forward_accepts(lm: nn.Module, name: str) -> bool:
     return name in inspect.signature(lm.forward).parameters
 
 
-def cache_length(kwargs: dict) -> int:
+def cache_length(kwargs: dict) -> int | torch.Tensor:
     """Tokens already in the KV cache of an LM call (the cache kwarg is `past_key_values` or, in newer
-    transformers, `cache`; legacy caches are tuples of per-layer (k, v))."""
+    transformers, `cache`; legacy caches are tuples of per-layer (k, v)). A static cache counts on the device: its
+    0-d tensor is returned as it is, so that a compiled decode step does not wait for the device."""
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
+        length = cache.get_seq_length()
+        return length if isinstance(length, torch.Tensor) else int(length)
     if isinstance(cache, (tuple, list)) and len(cache) > 0 and cache[0] is not None:
         return int(cache[0][0].shape[-2])
     return 0

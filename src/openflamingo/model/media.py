@@ -35,8 +35,9 @@ class MediaState:
     document_ids: torch.Tensor | None = None
     # The caller already checked that no token refers to a missing image (skips a device sync per call).
     validated: bool = False
-    # Block index -> that block's keys/values of the visual tokens, (B, kv_heads, T*n, dim_head).
-    keys_values: dict[int, KeysValues] = field(default_factory=dict)
+    # Block key (its decoder layer's index, as in Flamingo.cross_attn_blocks) -> that block's keys/values of the
+    # visual tokens, (B, kv_heads, T*n, dim_head).
+    keys_values: dict[str, KeysValues] = field(default_factory=dict)
     # (B,) image index (1-based, 0 = none) the last token placed sees, for the next cached call.
     images_seen: torch.Tensor | None = None
     # (B,) whether an end-of-sequence token came after that image (media_ends_at_eos).
@@ -48,35 +49,44 @@ class MediaState:
     def place(
         self,
         input_ids: torch.Tensor,
-        num_cached: int,
+        num_cached: int | torch.Tensor,
         media_id: int,
         eos_id: int | None,
         immediate: bool,
     ) -> None:
-        """Work out what each token of an LM call sees: `input_ids` (B, L) continue `num_cached` earlier columns.
-        `eos_id` given: an end-of-sequence token ends the current image (IDEFICS)."""
+        """Work out what each token of an LM call sees: `input_ids` (B, L) continue `num_cached` earlier columns (an
+        int, or a 0-d tensor from a static cache: used without a device sync, so compiled decode steps need no graph
+        break). `eos_id` given: an end-of-sequence token ends the current image (IDEFICS)."""
         self.match_batch(input_ids.shape[0])
-        generated_from = None if self.prompt_length is None else max(self.prompt_length - num_cached, 0)
-        is_media = input_ids == media_id
-        if generated_from is not None:
-            is_media[:, generated_from:] = False
-        if num_cached > 0 and self.images_seen is None:
+        # A static cache's count is on the device: a call with one continues the call that placed tokens before.
+        continuing = num_cached > 0 if isinstance(num_cached, int) else self.images_seen is not None
+        if continuing and self.images_seen is None:
             raise ValueError("a cached language-model call must continue an uncached one on the same media")
-        text_time = is_media.cumsum(-1) + (self.images_seen[:, None] if num_cached > 0 else 0)
+        is_media = input_ids == media_id
+        prompt = None
+        if self.prompt_length is not None:
+            columns = torch.arange(input_ids.shape[1], device=input_ids.device) + num_cached
+            prompt = columns < self.prompt_length
+            is_media &= prompt
+        text_time = is_media.cumsum(-1) + (self.images_seen[:, None] if continuing else 0)
         media_floor = None
         if self.document_ids is not None:
             text_time, media_floor = restart_per_document(is_media, text_time, self.document_ids)
         num_media, tokens_per_media = self.visual_tokens.shape[1:3]
         # Generated tokens add no image, so decoding steps need no check (and no device sync).
-        decoding = generated_from == 0
+        decoding = (
+            isinstance(num_cached, int)
+            and self.prompt_length is not None
+            and num_cached >= self.prompt_length
+        )
         if not (self.validated or decoding) and int(text_time.max()) > num_media:
             raise ValueError(f"input has more <image> tokens than images ({num_media} per sample)")
         self.images_seen = text_time[:, -1]
         if eos_id is not None:
             is_eos = input_ids == eos_id
-            if generated_from is not None:
-                is_eos[:, generated_from:] = False
-            carried = self.eos_since_image if num_cached > 0 else None
+            if prompt is not None:
+                is_eos &= prompt
+            carried = self.eos_since_image if continuing else None
             blank, self.eos_since_image = blank_after_end_of_sequence(is_media, is_eos, carried)
             text_time = text_time.masked_fill(blank, 0)
         if immediate and num_media > 1 and input_ids.shape[1] > 1:

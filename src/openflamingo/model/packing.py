@@ -68,7 +68,6 @@ def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
     return [[(start, end) for start, end, _ in row] for row in equal_runs(document_ids)]
 
 
-@torch.compiler.disable  # the spans are data: compiled, every new layout would be a new graph
 def document_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -88,6 +87,18 @@ def document_attention(
         )
     if key.shape[2] != query.shape[2]:
         raise ValueError("per-document attention takes whole packed rows, without a cache")
+    return _attend_per_document(query, key, value, document_spans, dropout, scaling), None
+
+
+@torch.compiler.disable  # the spans are data: compiled, every new layout would be a new graph
+def _attend_per_document(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    document_spans: DocumentSpans,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
     grouped = key.shape[1] != query.shape[1]
     rows = []
     # Split, not sliced: the backward of a slice fills a zero tensor of the whole input per slice.
@@ -100,7 +111,7 @@ def document_attention(
             for q, k, v in zip(*(tensor.split(lengths, dim=1) for tensor in row), strict=True)
         ]
         rows.append(torch.cat(pieces, dim=1))
-    return torch.stack(rows).transpose(1, 2).contiguous(), None
+    return torch.stack(rows).transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(DOCUMENT_ATTENTION, document_attention)
