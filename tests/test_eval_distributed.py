@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.slow  # two processes
+
 F = Path(__file__).parent / "fixtures" / "eval"
 TASKS = {
     "hateful_memes": dict(

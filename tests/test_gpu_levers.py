@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -135,11 +136,12 @@ def test_fsdp_on_one_process_trains_with_bf16_compute(tokenizer_dir, tmp_path):
     assert any(not torch.equal(p.to_local(), start[n]) for n, p in params.items())
 
 
-def test_ddp_on_one_process_trains_unwrapped_and_says_so(tokenizer_dir, tmp_path, capsys):
+def test_ddp_on_one_process_trains_unwrapped_and_says_so(tokenizer_dir, tmp_path, caplog):
     config = config_of(tiny_run(tokenizer_dir, tmp_path, parallel={"mode": "ddp"}))
     model = build_or_load(config.model, seed=0)
-    assert parallelize(model, config, distributed.Distributed()) is model
-    assert "'ddp' on one process trains the model unwrapped" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="openflamingo"):
+        assert parallelize(model, config, distributed.Distributed()) is model
+    assert "'ddp' on one process trains the model unwrapped" in caplog.text
     assert not torch.distributed.is_initialized()
 
 

@@ -21,7 +21,7 @@ from torch import nn
 import openflamingo
 from openflamingo import build_flamingo, save_pretrained
 from openflamingo.cli import main as cli_main
-from openflamingo.model.config import dataclass_from_dict
+from openflamingo.config_loader import from_dict
 from openflamingo.model.cross_attention import CrossAttentionConfig, GatedCrossAttentionBlock
 from openflamingo.model.lora import LoraSettings, inject_cross_attention_lora
 
@@ -297,6 +297,6 @@ def test_the_readme_lora_example_fits_the_demo_model_it_starts_from():
     assert tables
     demo = tomllib.loads((README.parent / "configs" / "demo.toml").read_text())["model"]["cross_attention"]
     for table in tables:
-        settings = dataclass_from_dict(LoraSettings, table, "lora")
+        settings = from_dict(LoraSettings, table, "lora")
         blocks = nn.ModuleDict({"0": GatedCrossAttentionBlock(16, 8, CrossAttentionConfig(**demo))})
         inject_cross_attention_lora(blocks, settings)

@@ -1,5 +1,5 @@
-"""The model package imports as a DAG: no module of `openflamingo.model` imports itself back through the others, and
-the model (`flamingo.py`) knows nothing about building, loading or converting it.
+"""The model and training packages import as DAGs: no module of `openflamingo.model` or `openflamingo.train` imports
+itself back through the others, and the model (`flamingo.py`) knows nothing about building, loading or converting it.
 
 Every import counts, at module level or inside a function, relative or absolute: a lazy import only postpones a
 cycle to the call that runs it. Importing `pkg.sub` runs `pkg/__init__.py` first, so it is an edge to `pkg` too
@@ -12,19 +12,20 @@ from pathlib import Path
 
 import pytest
 
-MODEL_DIR = Path(__file__).parents[1] / "src" / "openflamingo" / "model"
+SRC = Path(__file__).parents[1] / "src"
 PACKAGE = "openflamingo.model"
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(MODEL_DIR).with_suffix("").parts
+def module_name(path: Path, package: str) -> str:
+    parts = path.relative_to(SRC.joinpath(*package.split("."))).with_suffix("").parts
     if parts[-1] == "__init__":
         parts = parts[:-1]
-    return ".".join((PACKAGE, *parts))
+    return ".".join((package, *parts))
 
 
-def model_modules() -> dict[str, Path]:
-    return {module_name(path): path for path in sorted(MODEL_DIR.rglob("*.py"))}
+def package_modules(package: str) -> dict[str, Path]:
+    directory = SRC.joinpath(*package.split("."))
+    return {module_name(path, package): path for path in sorted(directory.rglob("*.py"))}
 
 
 def imported_names(source: str, name: str, is_package: bool = False) -> set[str]:
@@ -47,9 +48,9 @@ def imported_names(source: str, name: str, is_package: bool = False) -> set[str]
     return names
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the modules of openflamingo.model it imports (parent packages included, see the docstring)."""
-    modules = model_modules()
+def import_graph(package: str = PACKAGE) -> dict[str, set[str]]:
+    """module -> the modules of `package` it imports (parent packages included, see the docstring)."""
+    modules = package_modules(package)
     graph = {}
     for name, path in modules.items():
         edges = set()
@@ -129,8 +130,9 @@ def test_the_layout_parser_sees_imports_at_every_level():
     assert f"{PACKAGE}.build" in graph[f"{PACKAGE}.convert.openflamingo"]
 
 
-def test_the_model_package_has_no_import_cycle():
-    cycle = find_cycle(import_graph())
+@pytest.mark.parametrize("package", [PACKAGE, "openflamingo.train"])
+def test_the_package_has_no_import_cycle(package):
+    cycle = find_cycle(import_graph(package))
     if cycle:
         print("import cycle: " + " -> ".join(cycle))
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])

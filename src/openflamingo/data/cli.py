@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InputError, MissingFileError
 from .convert import DEFAULT_SIMILARITY_THRESHOLD, FORMATS, VQA_PROMPT
 from .convert.easy_vqa import LAYOUTS
 
@@ -33,7 +34,7 @@ def run_convert(args: argparse.Namespace) -> None:
     summary["shards"] = len(report.shards)
     print(json.dumps(summary))
     if report.samples == 0:
-        raise ValueError(
+        raise InputError(
             f"no sample could be converted from {args.inputs or args.source_format}: {report.skipped}"
         )
     print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out}")
@@ -48,7 +49,7 @@ def load_tokenizer(name_or_path: str):
         resolve_language_model(name_or_path) if name_or_path in LANGUAGE_MODEL_NAMES else Path(name_or_path)
     )
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+        raise MissingFileError(f"tokenizer directory {path} does not exist")
     # as a model built on it sees it (a pad token only when the files name one)
     return load_model_tokenizer(path)
 

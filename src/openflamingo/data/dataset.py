@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..config_loader import from_dict
+from ..errors import InputError
 from .batching import PIXELS, Batcher, MediaLayout, PackingConfig, PreparedSample
 from .features import FeatureCache
 from .images import ImageLimits, decode_image
@@ -62,14 +64,7 @@ class DatasetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DatasetConfig:
         """From plain values (a TOML table): `format`, `images` and `packing` may be nested tables."""
-        data = dict(data)
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"dataset config: unknown fields {unknown}")
-        for name, kind in (("format", FormatConfig), ("images", ImageLimits), ("packing", PackingConfig)):
-            if isinstance(data.get(name), dict):
-                data[name] = kind(**data[name])
-        return cls(**data)
+        return from_dict(cls, data, "dataset")
 
 
 class ShardStream(IterableDataset):
@@ -94,7 +89,7 @@ class ShardStream(IterableDataset):
         self.urls = expand_shards(config.shards)
         check_local_shards(self.urls)
         if len(self.urls) < world_size:
-            raise ValueError(
+            raise InputError(
                 f"{len(self.urls)} shards cannot be split over {world_size} ranks; every rank needs at least one"
             )
         self.formatter = SampleFormatter(tokenizer, config.format)
@@ -179,7 +174,7 @@ class _WorkerStream:
         for name, value in self._identity().items():
             if state.get(name) != value:
                 what = "shard list" if name == "fingerprint" else name
-                raise ValueError(
+                raise InputError(
                     f"loader state was saved with {what}={state.get(name)!r} but this loader has {value!r}; "
                     "resume with the same shards, seed, ranks and workers"
                 )
@@ -199,7 +194,7 @@ class _WorkerStream:
             sample = sample_from_members(raw[tuple(ref)].key, raw[tuple(ref)].members)
             prepared = self._prepare(tuple(ref), sample, count=False)
             if prepared is None:
-                raise ValueError(
+                raise InputError(
                     f"sample at {self.stream.urls[ref[0]]} offset {ref[1]} was good and is now bad"
                 )
             self.batcher.pending.append(prepared)
@@ -251,7 +246,7 @@ class _WorkerStream:
                     return None
                 if self.read_this_epoch == 0:
                     shards = [self.stream.urls[i] for i in self.shard_list]
-                    raise ValueError(
+                    raise InputError(
                         f"worker {self.worker} read no sample in a whole epoch of shards {shards}"
                     )
                 self.epoch, self.shard, self.offset, self.read_this_epoch = self.epoch + 1, 0, 0, 0

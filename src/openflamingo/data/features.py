@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import struct
 import sys
@@ -29,9 +30,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from ..errors import InputError, MissingFileError
 from .images import ImageLimits, decode_image
 from .samples import BAD_REASONS, UNDECODABLE_IMAGE, BadSample, is_image_member, sample_from_members
 from .shards import read_shard
+
+logger = logging.getLogger(__name__)
 
 HEADER_BYTES = 1 << 16  # reserved for the safetensors header; the format allows padding it with spaces
 DIGEST_BYTES = 32  # sha256
@@ -153,7 +157,7 @@ def build_feature_cache(
         encoder.train(was_training)
         bar.close()
     if progress:
-        print(build_report(path, len(digests), len(bad), time.perf_counter() - started), file=sys.stderr)
+        logger.info(build_report(path, len(digests), len(bad), time.perf_counter() - started))
     return path
 
 
@@ -222,7 +226,7 @@ def _write_header(
         offset += size
     text = json.dumps(header).encode()
     if len(text) > HEADER_BYTES - 8:
-        raise ValueError(f"feature cache header of {len(text)} bytes does not fit in {HEADER_BYTES}")
+        raise InputError(f"feature cache header of {len(text)} bytes does not fit in {HEADER_BYTES}")
     file.seek(0)
     file.write(struct.pack("<Q", HEADER_BYTES - 8) + text.ljust(HEADER_BYTES - 8))
 
@@ -235,7 +239,7 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"feature cache {self.path} does not exist")
+            raise MissingFileError(f"feature cache {self.path} does not exist")
         try:
             with safe_open(str(self.path), "pt") as file:
                 metadata = file.metadata() or {}

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ..errors import InputError
 from .dataset import DatasetConfig, Preprocess, ShardStream
 from .features import FeatureCache
 
@@ -113,7 +114,7 @@ class MixedLoader:
         features: FeatureCache | None = None,
     ):
         if not configs:
-            raise ValueError("a data mixture needs at least one dataset")
+            raise InputError("a data mixture needs at least one dataset")
         self.loaders = {
             name: ShardLoader(
                 config, tokenizer, preprocess, rank, world_size, multiprocessing_context, features
@@ -144,6 +145,6 @@ class MixedLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = sorted(set(self.loaders) - set(state))
         if missing:
-            raise ValueError(f"loader state has no entry for datasets {missing} (it has {sorted(state)})")
+            raise InputError(f"loader state has no entry for datasets {missing} (it has {sorted(state)})")
         for name, loader in self.loaders.items():
             loader.load_state_dict(state[name])

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from braceexpand import braceexpand
 
+from ..errors import InputError, MissingFileError
 from .samples import TRUNCATED_TAR, UNREADABLE_SHARD, BadSample, Sample
 
 PIPE_PREFIX = "pipe:"
@@ -36,14 +37,14 @@ def expand_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             else:
                 urls.append(url)
     if not urls:
-        raise ValueError(f"no shards in {spec!r}")
+        raise InputError(f"no shards in {spec!r}")
     return urls
 
 
 def check_local_shards(urls: list[str]) -> None:
     for url in urls:
         if not url.startswith(PIPE_PREFIX) and not Path(url).is_file():
-            raise FileNotFoundError(f"shard {url} does not exist")
+            raise MissingFileError(f"shard {url} does not exist")
 
 
 @dataclass
@@ -173,7 +174,7 @@ def read_samples_at(url: str, offsets: Iterable[int]) -> dict[int, RawSample]:
                 found[offset] = sample
     missing = [offset for offset in wanted if offset not in found]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"shard {url} changed since the loader state was saved: no sample at byte offsets {missing}"
         )
     return found
@@ -189,7 +190,7 @@ class ShardWriter:
 
     def __init__(self, directory: str | Path, samples_per_shard: int = 1000, prefix: str = "shard"):
         if samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+            raise InputError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
@@ -205,7 +206,7 @@ class ShardWriter:
             self._next_shard()
         key = sanitize_key(sample.key)
         if key in self._keys:
-            raise ValueError(f"duplicate sample key {key!r} in shard {self.shards[-1]}")
+            raise InputError(f"duplicate sample key {key!r} in shard {self.shards[-1]}")
         self._keys.add(key)
         for extension, data in sample.to_members().items():
             info = tarfile.TarInfo(f"{key}.{extension}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..errors import InputError
 from ..model.language import SpecialTokens, add_special_tokens
 from ..model.prompt_format import Message, PromptFormat
 from .samples import Conversation, ImageItem, Sample, TextItem
@@ -36,9 +37,9 @@ class FormatConfig:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 8:
-            raise ValueError(f"max_tokens={self.max_tokens} is too small to hold an image chunk; use >= 8")
+            raise InputError(f"max_tokens={self.max_tokens} is too small to hold an image chunk; use >= 8")
         if self.max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {self.max_images}")
+            raise InputError(f"max_images must be >= 1, got {self.max_images}")
         if isinstance(self.prompt_format, dict):  # from a TOML table
             self.prompt_format = PromptFormat(**self.prompt_format)
         if isinstance(self.special_tokens, dict):
@@ -75,7 +76,7 @@ class SampleFormatter:
             [ids.media] if ids.around_media is None else [ids.around_media, ids.media, ids.around_media]
         )
         if tokenizer.eos_token_id is None:
-            raise ValueError(
+            raise InputError(
                 f"tokenizer {type(tokenizer).__name__} has no eos_token; set one before formatting"
             )
         self.eos_id = tokenizer.eos_token_id

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InputError
 from .tasks import TASKS, DataPaths
 from .vqa_metric import DEFAULT_VQA_METRIC, VQA_METRICS
 
@@ -73,7 +74,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from .runner import EvalConfig, prepare, run
 
     if args.checkpoint is None or args.task is None:
-        raise ValueError("eval needs --checkpoint DIR and --task TASK (or: openflamingo eval score ...)")
+        raise InputError("eval needs --checkpoint DIR and --task TASK (or: openflamingo eval score ...)")
     config = EvalConfig(
         task=args.task,
         paths=data_paths(args),

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError, MissingDependencyError, MissingFileError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -33,11 +35,11 @@ class Example:
 def read_json(path: Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found ({what})")
+        raise MissingFileError(f"{path} not found ({what})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(
+        raise InputError(
             f"{path}: not valid JSON ({error.msg} at line {error.lineno}); expected {what}"
         ) from None
 
@@ -45,7 +47,7 @@ def read_json(path: Path, what: str) -> Any:
 def read_jsonl(path: Path, what: str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found ({what})")
+        raise MissingFileError(f"{path} not found ({what})")
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -53,13 +55,13 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); expected {what}") from None
+            raise InputError(f"{path}:{number}: not valid JSON ({error.msg}); expected {what}") from None
     return rows
 
 
 def require(record: dict, key: str, source: str) -> Any:
     if not isinstance(record, dict) or key not in record:
-        raise ValueError(f"{source}: missing field {key!r}")
+        raise InputError(f"{source}: missing field {key!r}")
     return record[key]
 
 
@@ -70,7 +72,7 @@ def resolve_images(examples: list[Example]) -> None:
             found = next((path for path in candidates if path.is_file()), None)
             if found is None:
                 tried = ", ".join(str(path) for path in candidates)
-                raise FileNotFoundError(f"image of example {example.id!r} not found (tried {tried})")
+                raise MissingFileError(f"image of example {example.id!r} not found (tried {tried})")
             example.images[i] = (found,)
 
 
@@ -89,7 +91,7 @@ def read_karpathy(path: Path, image_root: Path | None, split: str, dataset: str)
         image_id = require(entry, "cocoid", source) if dataset == "coco" else Path(filename).stem
         captions = [require(s, "raw", source) for s in require(entry, "sentences", source)]
         if not captions:
-            raise ValueError(f"{source}: image {image_id!r} has no sentences")
+            raise InputError(f"{source}: image {image_id!r} has no sentences")
         candidates = (root / entry.get("filepath", "") / filename, root / filename)
         examples.append(Example(image_id, [candidates], {}, captions[0].strip(), captions))
     return examples
@@ -110,7 +112,7 @@ def read_coco_references(path: Path) -> dict[str, list[str]]:
 def attach_references(examples: list[Example], references: dict[str, list[str]], path: Path) -> None:
     for example in examples:
         if example.key not in references:
-            raise ValueError(f"{path}: no reference captions for image_id {example.id!r}")
+            raise InputError(f"{path}: no reference captions for image_id {example.id!r}")
         example.references = references[example.key]
 
 
@@ -134,7 +136,7 @@ def read_vqa(questions_path: Path, annotations_path: Path | None, image_root: Pa
             question_id = require(annotation, "question_id", f"{annotations_path}: annotations[{n}]")
             require(annotation, "answers", f"{annotations_path}: annotations[{n}]")
             if question_id in annotations:
-                raise ValueError(f"{annotations_path}: question_id {question_id!r} is annotated twice")
+                raise InputError(f"{annotations_path}: question_id {question_id!r} is annotated twice")
             annotations[question_id] = annotation
     subtype = questions_data.get("data_subtype")
     root = Path(image_root) if image_root is not None else Path(".")
@@ -143,16 +145,16 @@ def read_vqa(questions_path: Path, annotations_path: Path | None, image_root: Pa
         source = f"{questions_path}: questions[{n}]"
         question_id = require(question, "question_id", source)
         if question_id in seen:
-            raise ValueError(f"{questions_path}: question_id {question_id!r} appears twice")
+            raise InputError(f"{questions_path}: question_id {question_id!r} appears twice")
         seen.add(question_id)
         annotation = annotations.get(question_id)
         if annotations_path is not None and annotation is None:
-            raise ValueError(
+            raise InputError(
                 f"{questions_path} and {annotations_path} do not match: question_id {question_id!r} has no annotation"
             )
         answers = annotation["answers"] if annotation else []
         if annotation is not None and not answers:
-            raise ValueError(f"{annotations_path}: question_id {question_id!r} has no answers")
+            raise InputError(f"{annotations_path}: question_id {question_id!r} has no answers")
         examples.append(
             Example(
                 id=question_id,
@@ -165,7 +167,7 @@ def read_vqa(questions_path: Path, annotations_path: Path | None, image_root: Pa
         )
     extra = sorted(set(annotations) - seen, key=str)
     if extra:
-        raise ValueError(
+        raise InputError(
             f"{questions_path} and {annotations_path} do not match: question_id {extra[0]!r} is annotated but not "
             f"asked ({len(extra)} such id(s))"
         )
@@ -175,12 +177,10 @@ def read_vqa(questions_path: Path, annotations_path: Path | None, image_root: Pa
 # ----- classification: ImageFolder, Hateful Memes jsonl, NLVR2 json lines ----------------------------------------
 def image_folder_classes(root: Path) -> list[str]:
     if not Path(root).is_dir():
-        raise FileNotFoundError(
-            f"{root} not found (an ImageFolder split: one sub-folder of images per class)"
-        )
+        raise MissingFileError(f"{root} not found (an ImageFolder split: one sub-folder of images per class)")
     classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root}: no class folders (expected ImageFolder layout: {root}/<class>/<image>)")
+        raise InputError(f"{root}: no class folders (expected ImageFolder layout: {root}/<class>/<image>)")
     return classes
 
 
@@ -190,13 +190,13 @@ def read_image_folder(root: Path, class_names: dict[str, str]) -> list[Example]:
     examples = []
     for folder in image_folder_classes(root):
         if folder not in class_names:
-            raise ValueError(f"{root / folder}: class folder has no class name (see --class-names)")
+            raise InputError(f"{root / folder}: class folder has no class name (see --class-names)")
         for path in sorted((root / folder).iterdir()):
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 name = class_names[folder]
                 examples.append(Example(f"{root.name}/{folder}/{path.name}", [(path,)], {}, name, name))
     if not examples:
-        raise ValueError(f"{root}: no images found under its class folders")
+        raise InputError(f"{root}: no images found under its class folders")
     return examples
 
 
@@ -209,7 +209,7 @@ def read_hateful_memes(path: Path, image_root: Path | None, need_labels: bool) -
         image = require(row, "img", source)
         label = row.get("label")
         if need_labels and label not in (0, 1):
-            raise ValueError(f"{source}: label must be 0 or 1, got {label!r}")
+            raise InputError(f"{source}: label must be 0 or 1, got {label!r}")
         name = {0: "no", 1: "yes"}.get(label, "")
         candidates = (root / image, root / Path(image).name)
         examples.append(
@@ -230,7 +230,7 @@ def read_nlvr2(path: Path, image_root: Path | None) -> list[Example]:
         identifier = require(row, "identifier", source)
         label = str(require(row, "label", source)).lower()
         if label not in ("true", "false"):
-            raise ValueError(f"{source}: label must be True or False, got {row['label']!r}")
+            raise InputError(f"{source}: label must be True or False, got {row['label']!r}")
         stem = identifier.rsplit("-", 1)[0]
         subdir = root / str(row["directory"]) if "directory" in row else root
         images = [(root / f"{stem}-img{i}.png", subdir / f"{stem}-img{i}.png") for i in (0, 1)]
@@ -248,7 +248,9 @@ def read_easy_vqa(split: str) -> tuple[list[Example], list[str]]:
     try:
         import easy_vqa
     except ImportError:
-        raise ImportError("task easy_vqa needs the easy-VQA data: pip install easy-vqa==1.0") from None
+        raise MissingDependencyError(
+            "task easy_vqa needs the easy-VQA data: pip install easy-vqa==1.0"
+        ) from None
     if split == "train":
         texts, answers, image_ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()

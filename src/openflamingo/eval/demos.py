@@ -15,11 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..errors import InputError
 from .datasets import Example
 
 
-def demo_pool_error(needed: int, available: int, what: str) -> ValueError:
-    return ValueError(
+def demo_pool_error(needed: int, available: int, what: str) -> InputError:
+    return InputError(
         f"{needed} demonstrations per prompt need at least {needed} examples, but {what} has {available}"
     )
 
@@ -111,7 +112,7 @@ class RicesDemos:
             with safe_open(str(cache_file), "pt") as stored:
                 stored_fingerprint = (stored.metadata() or {}).get("fingerprint")
             if stored_fingerprint != fingerprint:
-                raise ValueError(
+                raise InputError(
                     f"{cache_file}: RICES features were computed for another demonstration pool or vision encoder; "
                     "delete the file or pass another --rices-cache"
                 )

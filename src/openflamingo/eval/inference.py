@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import InputError
 from ..model.inputs import prepare_inputs, to_device
 from .prompts import Prompt
 from .tasks import Decoding
@@ -29,7 +30,7 @@ def open_images(prompts: Sequence[Prompt]) -> list[list[Image.Image]]:
                 with Image.open(path) as image:
                     sample.append(image.convert("RGB"))
             except OSError as error:
-                raise ValueError(f"{path}: cannot read image ({error})") from None
+                raise InputError(f"{path}: cannot read image ({error})") from None
         images.append(sample)
     return images
 
@@ -61,7 +62,7 @@ def tokenize_class_names(tokenizer, names: Sequence[str]) -> list[list[int]]:
     ids = tokenizer(list(names), add_special_tokens=False)["input_ids"]
     for name, tokens in zip(names, ids, strict=True):
         if not tokens:
-            raise ValueError(f"class name {name!r} tokenizes to nothing")
+            raise InputError(f"class name {name!r} tokenizes to nothing")
     return ids
 
 
@@ -126,7 +127,7 @@ def rank_choices(
     prompt is encoded once and every choice continues from its cached keys/values."""
     counts = {len(choices) for choices in choice_token_ids}
     if len(counts) != 1:
-        raise ValueError(f"every prompt needs the same number of choices, got {sorted(counts)}")
+        raise InputError(f"every prompt needs the same number of choices, got {sorted(counts)}")
     inputs = model_inputs(model, prompts, device)
     first_tokens = torch.tensor([[t[0] for t in choices] for choices in choice_token_ids])
     rows = [tokens for choices in choice_token_ids for tokens in choices]

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..errors import InputError, MissingDependencyError, MissingFileError
 from .datasets import Example
 from .tasks import TaskSpec
 from .vqa_metric import DEFAULT_VQA_METRIC, vqa_accuracy
@@ -27,9 +28,9 @@ def check_cider_available() -> None:
     try:
         import pycocoevalcap  # noqa: F401
     except ImportError:
-        raise ImportError("CIDEr needs pycocoevalcap: pip install pycocoevalcap==1.2") from None
+        raise MissingDependencyError("CIDEr needs pycocoevalcap: pip install pycocoevalcap==1.2") from None
     if shutil.which("java") is None:
-        raise FileNotFoundError(JAVA_HINT)
+        raise MissingFileError(JAVA_HINT)
 
 
 def cider(
@@ -105,11 +106,11 @@ def score_task(
     by_key = {example.key: example for example in examples}
     unknown = [key for key in predictions if key not in by_key]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"prediction for id {unknown[0]!r}, which the {spec.name} data does not hold ({len(unknown)} such)"
         )
     if not predictions:
-        raise ValueError(f"no predictions to score for {spec.name}")
+        raise InputError(f"no predictions to score for {spec.name}")
     scored = [by_key[key] for key in predictions]
     counts = {"num_scored": len(scored), "num_examples": len(examples)}
 
@@ -145,7 +146,7 @@ def score_task(
         metrics["accuracy"] = mean(correct.values())
         metrics.update(breakdown(scored, correct))
     else:
-        raise ValueError(f"task {spec.name}: unknown metric {spec.metric!r}")
+        raise InputError(f"task {spec.name}: unknown metric {spec.metric!r}")
     return Scored({**metrics, **counts}, correct)
 
 

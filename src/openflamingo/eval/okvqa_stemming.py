@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import MissingDependencyError
+
 MANUAL_STEMS = {
     "police": "police", "las": "las", "vegas": "vegas", "yes": "yes", "jeans": "jean", "hell's": "hell",
     "domino's": "domino", "morning": "morn", "clothes": "cloth", "are": "are", "riding": "ride",
@@ -67,5 +69,5 @@ def nltk_stemmer() -> OkVqaStemmer:
         stemmer.stem("two dogs running")  # loads (and so checks) all three nltk data packages now
     except (ImportError, LookupError) as error:
         missing = "nltk data not found" if isinstance(error, LookupError) else str(error)
-        raise ImportError(f"{INSTALL_HINT} ({missing})") from None
+        raise MissingDependencyError(f"{INSTALL_HINT} ({missing})") from None
     return stemmer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
 from .datasets import Example, read_jsonl
 from .metrics import Scored, score_task
 from .tasks import DataPaths, TaskSpec, load_task_data
@@ -24,20 +25,20 @@ def read_predictions(spec: TaskSpec, path: Path) -> dict[str, object]:
     for n, row in enumerate(read_jsonl(path, f"{spec.name} predictions"), start=1):
         source = f"{path}:{n}"
         if not isinstance(row, dict) or id_field not in row:
-            raise ValueError(f"{source}: missing field {id_field!r}")
+            raise InputError(f"{source}: missing field {id_field!r}")
         key = str(row[id_field])
         if key in predictions:
-            raise ValueError(f"{source}: {id_field} {row[id_field]!r} predicted twice")
+            raise InputError(f"{source}: {id_field} {row[id_field]!r} predicted twice")
         if answer_field is not None:
             if not isinstance(row.get(answer_field), str):
-                raise ValueError(f"{source}: field {answer_field!r} must be a string")
+                raise InputError(f"{source}: field {answer_field!r} must be a string")
             predictions[key] = row[answer_field]
         elif isinstance(row.get("scores"), dict) and row["scores"]:
             predictions[key] = {"scores": {str(k): float(v) for k, v in row["scores"].items()}}
         elif isinstance(row.get("prediction"), str):
             predictions[key] = {"prediction": row["prediction"]}
         else:
-            raise ValueError(f"{source}: needs 'scores' ({{class: logprob}}) or 'prediction' (a class name)")
+            raise InputError(f"{source}: needs 'scores' ({{class: logprob}}) or 'prediction' (a class name)")
     return predictions
 
 
@@ -49,7 +50,7 @@ def predicted_images(
     by_key = {example.key: example for example in examples}
     missing = [key for key in predictions if key not in by_key]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{references}: no reference captions for image_id {missing[0]} predicted in {predictions_path} "
             f"({len(missing)} predicted image ids have none)"
         )
@@ -70,7 +71,7 @@ def score_file(
             names = prediction.get("scores") or {prediction.get("prediction"): 0.0}
             unknown = [name for name in names if name not in known]
             if unknown:
-                raise ValueError(
+                raise InputError(
                     f"{predictions_path}: id {key!r} names class {unknown[0]!r}, not one of the task's classes"
                 )
     return score_task(spec, examples, predictions, vqa_metric)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
 from ..model.prompt_format import END_OF_CHUNK, MEDIA, Message, PromptFormat
 from .datasets import Example
 from .tasks import TaskPrompt
@@ -31,7 +32,7 @@ def num_demos(shots: int, zero_shot: str) -> int:
         return FLAMINGO_ZERO_SHOT_DEMOS
     if zero_shot == "none":
         return 0
-    raise ValueError(f"zero_shot must be 'text-demos' or 'none', got {zero_shot!r}")
+    raise InputError(f"zero_shot must be 'text-demos' or 'none', got {zero_shot!r}")
 
 
 @dataclass
@@ -44,7 +45,7 @@ def fill(template: str, example: Example, answer: str) -> str:
     try:
         return template.format(answer=answer, **example.fields)
     except KeyError as error:
-        raise ValueError(
+        raise InputError(
             f"prompt template {template!r} uses {{{error.args[0]}}}, which example {example.id!r} does not have "
             f"(it has: {', '.join(['answer', *example.fields])})"
         ) from None
@@ -108,7 +109,7 @@ def build_prompt(
         ]  # the space belongs to the answer's first token (" blue"), as in training
     expected = len(query.images)
     if query_text.count(MEDIA) != expected:
-        raise ValueError(
+        raise InputError(
             f"prompt template {fmt.template!r} has {query_text.count(MEDIA)} {MEDIA} tokens but examples have "
             f"{expected} image(s)"
         )
@@ -149,4 +150,4 @@ def postprocessor(name: str, stemmer=None) -> Callable[[str], str]:
         return lambda text: stemmer.stem(postprocess_vqa(text))
     if name == "none":
         return lambda text: text.strip()
-    raise ValueError(f"unknown post-processing {name!r}; known: caption, vqa, okvqa, none")
+    raise InputError(f"unknown post-processing {name!r}; known: caption, vqa, okvqa, none")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import InputError
 from . import inference, outputs
 from .datasets import Example, resolve_images
 from .demos import AttachedDemos, RandomDemos, RicesDemos, demo_pool_error
@@ -99,14 +100,14 @@ def effective_spec(config: EvalConfig) -> TaskSpec:
 
 def check_config(config: EvalConfig) -> None:
     if not config.shots or any(s < 0 for s in config.shots):
-        raise ValueError(f"shots must be non-negative integers, got {config.shots}")
+        raise InputError(f"shots must be non-negative integers, got {config.shots}")
     if config.trials < 1 or (config.trial_seeds and len(config.trial_seeds) != config.trials):
-        raise ValueError(f"trials={config.trials} needs as many trial seeds, got {config.trial_seeds}")
+        raise InputError(f"trials={config.trials} needs as many trial seeds, got {config.trial_seeds}")
     for name in ("batch_size", "query_set_size", "prompt_ensembles", "rank_rows"):
         if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+            raise InputError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.demos not in ("random", "rices"):
-        raise ValueError(f"demos must be 'random' or 'rices', got {config.demos!r}")
+        raise InputError(f"demos must be 'random' or 'rices', got {config.demos!r}")
     num_demos(0, config.zero_shot)  # validates zero_shot
     check_vqa_metric(config.vqa_metric)
 
@@ -121,7 +122,7 @@ def prepare(config: EvalConfig) -> PreparedRun:
     evaluated = data.eval_examples
     if config.num_samples is not None:
         if not 0 < config.num_samples <= len(evaluated):
-            raise ValueError(
+            raise InputError(
                 f"num_samples={config.num_samples}, but the evaluated split has {len(evaluated)} examples"
             )
         chosen = random.Random(config.sample_seed).sample(range(len(evaluated)), config.num_samples)
@@ -132,7 +133,7 @@ def prepare(config: EvalConfig) -> PreparedRun:
     query_sets: dict[int, RandomDemos | AttachedDemos] = {}
     if needed > 0 and spec.attached_demos:
         if config.demos != "random":
-            raise ValueError(
+            raise InputError(
                 f"task {spec.name} brings its own demonstrations; --demos {config.demos} does not apply"
             )
         attached = AttachedDemos(evaluated)

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError, MissingFileError
 from . import datasets
 from .datasets import Example
 from .imagenet_classes import IMAGENET_CLASSNAMES
@@ -88,7 +89,7 @@ TASKS: dict[str, TaskSpec] = {
 
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+        raise InputError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -130,7 +131,7 @@ def check_paths(spec: TaskSpec, paths: DataPaths, run: bool, demos: bool) -> Non
         needed = [name for name in needed if not name.startswith("train_")]
     missing = [FLAGS[name] for name in needed if getattr(paths, name) is None]
     if missing:
-        raise ValueError(f"task {spec.name} needs {', '.join(missing)}")
+        raise InputError(f"task {spec.name} needs {', '.join(missing)}")
 
 
 @dataclass
@@ -154,7 +155,7 @@ def load_task_data(spec: TaskSpec, paths: DataPaths, run: bool = True, demos: bo
     elif spec.data == "karpathy":
         evaluated = datasets.read_karpathy(paths.karpathy_json, paths.images, split, spec.name)
         if not evaluated:
-            raise ValueError(f"{paths.karpathy_json}: no images in split {split!r}")
+            raise InputError(f"{paths.karpathy_json}: no images in split {split!r}")
         datasets.attach_references(
             evaluated, datasets.read_coco_references(paths.references), paths.references
         )
@@ -187,7 +188,7 @@ def load_task_data(spec: TaskSpec, paths: DataPaths, run: bool = True, demos: bo
     elif spec.data == "easy_vqa_binding":
         evaluated = datasets.read_easy_vqa_binding(split)
     else:
-        raise ValueError(f"task {spec.name}: unknown data kind {spec.data!r}")
+        raise InputError(f"task {spec.name}: unknown data kind {spec.data!r}")
     return TaskData(evaluated, pool, classes)
 
 
@@ -198,17 +199,17 @@ def imagenet_class_names(folders: list[str], class_names_file: Path | None) -> d
     if class_names_file is not None:
         path = Path(class_names_file)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} not found (class names: JSON {{folder: name}} or one name per line)"
             )
         if path.suffix == ".json":
             names = datasets.read_json(path, "a JSON object {folder: class name}")
             if not isinstance(names, dict):
-                raise ValueError(f"{path}: expected a JSON object {{folder: class name}}")
+                raise InputError(f"{path}: expected a JSON object {{folder: class name}}")
             return {str(k): str(v) for k, v in names.items()}
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if len(lines) != len(folders):
-            raise ValueError(f"{path}: {len(lines)} class names for {len(folders)} class folders")
+            raise InputError(f"{path}: {len(lines)} class names for {len(folders)} class folders")
         return dict(zip(folders, lines, strict=True))
     if len(folders) == len(IMAGENET_CLASSNAMES):
         return dict(zip(folders, IMAGENET_CLASSNAMES, strict=True))

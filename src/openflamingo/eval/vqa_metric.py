@@ -31,6 +31,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ..errors import InputError
+
 VQA_METRICS = ("official", "official-2017", "openflamingo")
 DEFAULT_VQA_METRIC = "official"
 
@@ -104,7 +106,7 @@ def normalize_answer(text: str) -> str:
 
 def check_vqa_metric(name: str) -> None:
     if name not in VQA_METRICS:
-        raise ValueError(f"unknown VQA metric {name!r}; known: {', '.join(VQA_METRICS)}")
+        raise InputError(f"unknown VQA metric {name!r}; known: {', '.join(VQA_METRICS)}")
 
 
 def processed_answers(prediction: str, answers: list[str], metric: str) -> tuple[str, list[str]]:
@@ -127,7 +129,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[dict | str], metric: str = D
     (`{"answer": ..., "answer_confidence": ..., "answer_id": ...}`; plain strings are accepted too)."""
     records = [dict(a) if isinstance(a, dict) else {"answer": a} for a in answers]
     if not records:
-        raise ValueError("a VQA question needs at least one ground-truth answer")
+        raise InputError("a VQA question needs at least one ground-truth answer")
     predicted, texts = processed_answers(prediction, [r["answer"] for r in records], metric)
     for record, text in zip(records, texts, strict=True):
         record["answer"] = text

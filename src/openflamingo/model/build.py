@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from .config import FlamingoConfig
 from .convert.mpt import add_qk_layernorm, is_remote_code_mpt, load_mpt_with_qk_layernorm, uses_qk_layernorm
 from .flamingo import Flamingo
@@ -25,21 +26,21 @@ def build_language_model(config: FlamingoConfig):
         lm_config = dict(config.language_model_config)
         model_type = lm_config.pop("model_type", None)
         if model_type is None:
-            raise ValueError("language_model_config needs a 'model_type' (e.g. 'llama')")
+            raise InputError("language_model_config needs a 'model_type' (e.g. 'llama')")
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **lm_config))
         if uses_qk_layernorm(lm.config):
             add_qk_layernorm(lm)
         lm_dir = None
     else:
         if config.language_model is None:
-            raise ValueError(
+            raise InputError(
                 "FlamingoConfig needs language_model (a name or local path) or language_model_config"
             )
         from ..backbones import resolve_language_model
 
         lm_dir = resolve_language_model(config.language_model)
         if is_remote_code_mpt(lm_dir):
-            raise ValueError(
+            raise InputError(
                 f"{lm_dir} holds MosaicML remote code; convert it first: openflamingo convert mosaic-gpt {lm_dir} OUT"
             )
         if uses_qk_layernorm(json.loads((lm_dir / "config.json").read_text())):
@@ -48,7 +49,7 @@ def build_language_model(config: FlamingoConfig):
             lm = AutoModelForCausalLM.from_pretrained(lm_dir)
     tokenizer_source = config.tokenizer or lm_dir
     if tokenizer_source is None:
-        raise ValueError("FlamingoConfig.tokenizer is required when the LM comes from language_model_config")
+        raise InputError("FlamingoConfig.tokenizer is required when the LM comes from language_model_config")
     return lm.float().eval(), load_tokenizer(tokenizer_source)
 
 
@@ -80,7 +81,7 @@ def build_flamingo(config: FlamingoConfig, seed: int | None = None) -> Flamingo:
 
     Building only: a config that starts from saved weights (`init_from`) goes to `checkpoint.build_or_load`."""
     if config.init_from is not None:
-        raise ValueError(
+        raise InputError(
             f"init_from={config.init_from!r}: build_flamingo builds fresh models; start from saved weights with "
             "openflamingo.build_or_load(config) or openflamingo.load(directory, config=config)"
         )

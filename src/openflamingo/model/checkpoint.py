@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import ExistingFileError, InputError, MissingFileError
 from .build import build_flamingo
 from .config import FlamingoConfig
 from .files import atomic_directory
@@ -76,7 +77,7 @@ def save_pretrained(
     directory is replaced only with `overwrite=True`."""
     directory = Path(directory)
     if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+        raise ExistingFileError(f"{directory} exists; pass overwrite=True to replace it")
     config = _self_contained(model, include_backbones)
     with atomic_directory(directory) as tmp:
         full = model.state_dict()
@@ -102,12 +103,12 @@ def save_pretrained(
 def read_config(directory: str | Path) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not an openflamingo checkpoint directory")
+        raise MissingFileError(f"{path} not found: not an openflamingo checkpoint directory")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise InputError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path}: format_version {meta['format_version']} is newer than this openflamingo supports"
         )
     return meta
@@ -128,7 +129,7 @@ def load(
     saved = FlamingoConfig.from_dict(meta["flamingo"])
     config = dataclasses.replace(config or saved, tokenizer=str(directory / "tokenizer"), init_from=None)
     if saved.lora is not None and config.lora != saved.lora:
-        raise ValueError(
+        raise InputError(
             f"{directory} has LoRA adapters {saved.lora}; merge them first "
             f"(openflamingo export --merge-lora {directory} OUT) or use the same [model.lora]"
         )
@@ -137,7 +138,7 @@ def load(
     # Checkpoints saved before a field existed lack it (around_media): compare what they recorded.
     current = dataclasses.asdict(model.special_ids)
     if saved_ids and any(current.get(name) != value for name, value in saved_ids.items()):
-        raise ValueError(
+        raise InputError(
             f"{directory}: tokenizer special ids {dataclasses.asdict(model.special_ids)} != saved {saved_ids}"
         )
     state = load_file(directory / "model.safetensors", device=str(map_location))
@@ -171,7 +172,7 @@ def init_config(recipe: dict[str, Any]) -> dict[str, Any]:
     key that describes the architecture must agree with the checkpoint; the error names the first that does not."""
     directory = Path(recipe["init_from"])
     if not (directory / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model.init_from: {directory} is not a save_pretrained directory (no config.json)"
         )
     meta = read_config(directory)
@@ -182,14 +183,14 @@ def init_config(recipe: dict[str, Any]) -> dict[str, Any]:
     theirs = _flatten(FlamingoConfig.from_dict(saved).to_dict())
     for key in _flatten(architecture):
         if ours.get(key) != theirs.get(key):
-            raise ValueError(
+            raise InputError(
                 f"model.{key}: the recipe has {ours.get(key)!r} but init_from {directory} was built with "
                 f"{theirs.get(key)!r}; drop the key to use the checkpoint's"
             )
     trained = saved.get("train_language_model_layers") or []
     kept = recipe.get("train_language_model_layers") or []
     if not set(trained) <= set(kept):
-        raise ValueError(
+        raise InputError(
             f"model.train_language_model_layers: init_from {directory} trained LM layers {sorted(trained)}; keep "
             f"them in the list, or their weights would not be saved"
         )
@@ -215,19 +216,19 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], expected
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{source}: {_key_list('missing', missing)}{_key_list('unexpected', unexpected)}".rstrip("; ")
         )
     own = model.state_dict()
     for key in expected:
         if own[key].shape != state[key].shape:
-            raise ValueError(
+            raise InputError(
                 f"{source}: {key} has shape {tuple(state[key].shape)}, model expects {tuple(own[key].shape)}"
             )
     result = model.load_state_dict(state, strict=False)
     leftover = sorted(set(result.unexpected_keys))
     if leftover:
-        raise ValueError(f"{source}: could not load {leftover}")
+        raise InputError(f"{source}: could not load {leftover}")
 
 
 def _key_list(what: str, keys: list[str]) -> str:

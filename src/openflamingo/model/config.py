@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config_loader import from_dict
+from ..errors import InputError
 from .cross_attention import CrossAttentionConfig
 from .language import SpecialTokens
 from .lora import LoraSettings
@@ -13,17 +15,6 @@ from .perceiver import PerceiverConfig
 from .presets import with_preset
 from .prompt_format import PromptFormat
 from .vision import VisionConfig
-
-
-def dataclass_from_dict(cls, data: dict[str, Any], where: str):
-    """Build dataclass `cls` from a dict; unknown keys are an error naming them."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a table/object, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**data)
 
 
 @dataclass
@@ -52,12 +43,12 @@ class FlamingoConfig:
 
     def __post_init__(self) -> None:
         if self.train_language_model and (self.lora_on_language_model or self.train_language_model_layers):
-            raise ValueError(
+            raise InputError(
                 "train_language_model trains the whole LM; drop lora.target_modules / train_language_model_layers, "
                 "or set it false"
             )
         if any(i < 0 for i in self.train_language_model_layers):
-            raise ValueError(
+            raise InputError(
                 f"train_language_model_layers: layer indices must be >= 0, got {self.train_language_model_layers}"
             )
 
@@ -80,21 +71,4 @@ class FlamingoConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlamingoConfig:
         """From a recipe's model section or a saved config; `preset` names an architecture to start from."""
-        data = with_preset(dict(data))
-        nested = {
-            "vision": VisionConfig.from_dict(data.pop("vision", {"kind": "efficientnet_lite0"})),
-            "perceiver": dataclass_from_dict(PerceiverConfig, data.pop("perceiver", {}), "perceiver"),
-            "cross_attention": dataclass_from_dict(
-                CrossAttentionConfig, data.pop("cross_attention", {}), "cross_attention"
-            ),
-            "prompt_format": dataclass_from_dict(
-                PromptFormat, data.pop("prompt_format", {}), "prompt_format"
-            ),
-            "special_tokens": dataclass_from_dict(
-                SpecialTokens, data.pop("special_tokens", {}), "special_tokens"
-            ),
-        }
-        lora = data.pop("lora", None)
-        nested["lora"] = None if lora is None else dataclass_from_dict(LoraSettings, lora, "lora")
-        config = dataclass_from_dict(cls, data, "flamingo config")
-        return dataclasses.replace(config, **nested)
+        return from_dict(cls, with_preset(dict(data)), "model")

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import FeedForwardKind, Norm, check_choices, make_feed_forward, make_norm
+from ..config_loader import check_choices
+from ..errors import InputError
+from .layers import FeedForwardKind, Norm, make_feed_forward, make_norm
 from .packing import equal_runs
 
 
@@ -50,20 +52,20 @@ class CrossAttentionConfig:
     def __post_init__(self) -> None:
         check_choices(self, "cross_attention")
         if self.every_n_layers < 1:
-            raise ValueError(f"cross_attention.every_n_layers={self.every_n_layers} must be >= 1")
+            raise InputError(f"cross_attention.every_n_layers={self.every_n_layers} must be >= 1")
         if self.layers is not None:
             self.layers = list(self.layers)
             if not self.layers or any(not isinstance(i, int) or i < 0 for i in self.layers):
-                raise ValueError(f"cross_attention.layers={self.layers} must list decoder-layer indices >= 0")
+                raise InputError(f"cross_attention.layers={self.layers} must list decoder-layer indices >= 0")
         if self.kv_heads is not None and (self.kv_heads < 1 or self.heads % self.kv_heads):
-            raise ValueError(f"cross_attention.kv_heads={self.kv_heads} must divide heads={self.heads}")
+            raise InputError(f"cross_attention.kv_heads={self.kv_heads} must divide heads={self.heads}")
 
     def block_layers(self, num_layers: int) -> list[int]:
         """The decoder layers that get a block before them, for an LM of `num_layers` layers."""
         if self.layers is not None:
             outside = [i for i in self.layers if i >= num_layers]
             if outside:
-                raise ValueError(
+                raise InputError(
                     f"cross_attention.layers: {outside} out of range for a {num_layers}-layer LM"
                 )
             return sorted(set(self.layers))

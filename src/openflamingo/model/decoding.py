@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..errors import InputError
 from .media import MediaState
 
 
@@ -62,7 +63,7 @@ class DecodeState:
     def concatenate(self, other: DecodeState) -> None:
         """Append `other`'s rows, left-padding the shorter one's columns (both with media, or both without)."""
         if (self.media is None) != (other.media is None):
-            raise ValueError("cannot batch rows with images together with text-only rows")
+            raise InputError("cannot batch rows with images together with text-only rows")
         length = max(self.columns, other.columns)
         self.cache = DynamicCache(
             [
@@ -82,7 +83,7 @@ def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     their window, so their columns cannot be lined up with another cache's)."""
     layers = getattr(cache, "layers", None)
     if layers is None or any(getattr(layer, "is_sliding", False) for layer in layers):
-        raise ValueError(
+        raise InputError(
             f"batching cached rows needs a full-attention DynamicCache; this language model returned "
             f"{type(cache).__name__}{' with sliding-window layers' if layers else ''}"
         )

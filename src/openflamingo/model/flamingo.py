@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .config import FlamingoConfig
 from .cross_attention import GatedCrossAttentionBlock
 from .decoding import DecodeState
@@ -62,7 +63,7 @@ def hidden_size(config) -> int:
     for name in ("hidden_size", "n_embd", "d_model"):
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name)
-    raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
+    raise InputError(f"cannot read the hidden size from {type(config).__name__}")
 
 
 def next_token_targets(
@@ -105,7 +106,7 @@ class Flamingo(nn.Module):
             }
         )
         if not self.cross_attn_blocks:
-            raise ValueError(
+            raise InputError(
                 f"cross_attention.every_n_layers={config.cross_attention.every_n_layers} leaves no block in a "
                 f"{len(layers)}-layer LM"
             )
@@ -115,7 +116,7 @@ class Flamingo(nn.Module):
         language_model.requires_grad_(config.train_language_model)
         for index in config.train_language_model_layers:
             if index >= len(layers):
-                raise ValueError(
+                raise InputError(
                     f"train_language_model_layers: {index} is out of range for a {len(layers)}-layer LM"
                 )
             layers[index].requires_grad_(True)
@@ -146,7 +147,7 @@ class Flamingo(nn.Module):
         input_ids = args[0] if args else kwargs.get("input_ids")
         if input_ids is None:
             if self._media is not None:
-                raise ValueError("Flamingo needs input_ids (not inputs_embeds) to place images")
+                raise InputError("Flamingo needs input_ids (not inputs_embeds) to place images")
             return None
         if self._media is not None:
             self._place_tokens(self._media, input_ids, cache_length(kwargs))
@@ -263,7 +264,7 @@ class Flamingo(nn.Module):
         images than T_img; packed rows often leave many) get zero tokens, which no text token attends to. Pass it
         as a list, or a CPU tensor, to avoid a device sync."""
         if (images is None) == (image_features is None):
-            raise ValueError("pass images or image_features (precomputed vision-encoder tokens), exactly one")
+            raise InputError("pass images or image_features (precomputed vision-encoder tokens), exactly one")
         media = images if images is not None else image_features
         encode = self.vision_encoder if images is not None else nn.Identity()
         B, T, num_frames = media.shape[:3]
@@ -313,11 +314,11 @@ class Flamingo(nn.Module):
         if validate_inputs:
             self.check_inputs(input_ids, images, attention_mask, num_images, image_features)
         if logits_at is not None and labels is not None:
-            raise ValueError("pass labels or logits_at, not both: the loss needs the logits at every label")
+            raise InputError("pass labels or logits_at, not both: the loss needs the logits at every label")
         if logits_at is not None:
             check_logits_at(logits_at, input_ids)
         if targets is not None and logits_at is None:
-            raise ValueError("targets are the tokens predicted at logits_at: pass both")
+            raise InputError("targets are the tokens predicted at logits_at: pass both")
         lm_kwargs = {"input_ids": input_ids, "use_cache": False}
         if document_ids is None:
             lm_kwargs["attention_mask"] = attention_mask
@@ -349,11 +350,11 @@ class Flamingo(nn.Module):
         self, document_ids: torch.Tensor, input_ids: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         if tuple(document_ids.shape) != tuple(input_ids.shape):
-            raise ValueError(
+            raise InputError(
                 f"document_ids shape {tuple(document_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
         if not self._lm_takes_position_ids:
-            raise ValueError(
+            raise InputError(
                 f"{type(self.language_model).__name__} takes no position_ids, so packed documents cannot restart "
                 "their positions; use padded batches"
             )
@@ -431,7 +432,7 @@ class Flamingo(nn.Module):
             empty = attention_mask[:, :0]
             state = DecodeState(None, empty, attention_mask.new_zeros(input_ids.shape[0]), media)
         elif images is not None:
-            raise ValueError("prefill: a later chunk of a prompt takes no images (pass them with the first)")
+            raise InputError("prefill: a later chunk of a prompt takes no images (pass them with the first)")
         positions = (state.next_positions[:, None] + attention_mask.cumsum(-1) - 1).clamp(min=0)
         if state.media is not None:
             state.media.prompt_length = None  # every token of a prompt may start an image

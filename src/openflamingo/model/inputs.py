@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..errors import InputError
+
 
 def prepare_inputs(
     model, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]], padding_side: str = "left"
@@ -20,7 +22,7 @@ def prepare_inputs(
     suits generation; use "right" for training-style batches.
     """
     if len(prompts) != len(images):
-        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+        raise InputError(f"got {len(prompts)} prompts but {len(images)} image lists")
     tokenizer = model.tokenizer
     previous_side, tokenizer.padding_side = tokenizer.padding_side, padding_side
     try:
@@ -63,27 +65,27 @@ def check_inputs(model, input_ids, images, attention_mask, num_images, image_fea
     """Clear errors for inputs that would otherwise fail deep inside `model` (a Flamingo) or silently ignore images:
     token ids within its vocabulary, shapes that agree, and as many `<image>` tokens per sample as images."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be an integer tensor (B, L); got {_describe(input_ids)}")
+        raise InputError(f"input_ids must be an integer tensor (B, L); got {_describe(input_ids)}")
     # One device-to-host transfer for the data-dependent checks below.
     low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
     if low < 0 or high >= model.vocab_size:
-        raise ValueError(f"input_ids must lie in [0, {model.vocab_size}); got [{low}, {high}]")
+        raise InputError(f"input_ids must lie in [0, {model.vocab_size}); got [{low}, {high}]")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(
+        raise InputError(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
         )
     media_counts = (input_ids == model.special_ids.media).sum(1).cpu()
     if images is not None and image_features is not None:
-        raise ValueError("pass images or image_features (precomputed vision-encoder tokens), not both")
+        raise InputError("pass images or image_features (precomputed vision-encoder tokens), not both")
     if images is None and image_features is None:
         if int(media_counts.max()) > 0:
-            raise ValueError("input_ids contain <image> tokens but no images were given")
+            raise InputError("input_ids contain <image> tokens but no images were given")
         return
     if images is not None:
         if not isinstance(images, torch.Tensor) or images.ndim != 6 or not images.is_floating_point():
-            raise ValueError(f"images must be a float tensor (B, T_img, F, C, H, W); got {_describe(images)}")
+            raise InputError(f"images must be a float tensor (B, T_img, F, C, H, W); got {_describe(images)}")
         if images.shape[0] != input_ids.shape[0] or images.shape[3] != 3:
-            raise ValueError(
+            raise InputError(
                 f"images shape {tuple(images.shape)} does not fit input_ids {tuple(input_ids.shape)}: "
                 "need B equal and C = 3"
             )
@@ -93,7 +95,7 @@ def check_inputs(model, input_ids, images, attention_mask, num_images, image_fea
     B, T = (images if images is not None else image_features).shape[:2]
     expected = torch.full((B,), T) if num_images is None else torch.as_tensor(num_images).reshape(-1).cpu()
     if expected.shape[0] != B or int(expected.max()) > T or int(expected.min()) < 0:
-        raise ValueError(
+        raise InputError(
             f"num_images must hold B={B} counts between 0 and T_img={T}; got {expected.tolist()}"
         )
     mismatched = (media_counts != expected).nonzero()
@@ -101,9 +103,9 @@ def check_inputs(model, input_ids, images, attention_mask, num_images, image_fea
         b = int(mismatched[0])
         have, want = int(media_counts[b]), int(expected[b])
         if have > want:
-            raise ValueError(f"sample {b} has {have} <image> tokens but only {want} images")
+            raise InputError(f"sample {b} has {have} <image> tokens but only {want} images")
         if have < want:
-            raise ValueError(
+            raise InputError(
                 f"sample {b} has {have} <image> tokens for {want} images, so images {have + 1}..{want} would be "
                 "ignored; pass num_images=[...] when the image tensor is padded"
             )
@@ -113,12 +115,12 @@ def _check_image_features(features, input_ids: torch.Tensor, encoder: tuple[int,
     """`features` as the vision encoder emits them: (B, T_img, F, num_tokens, D_vis) with `encoder` = (num_tokens,
     D_vis)."""
     if not isinstance(features, torch.Tensor) or features.ndim != 5 or not features.is_floating_point():
-        raise ValueError(
+        raise InputError(
             "image_features must be a float tensor (B, T_img, F, num_tokens, D_vis) of vision-encoder tokens; "
             f"got {_describe(features)}"
         )
     if features.shape[0] != input_ids.shape[0] or tuple(features.shape[3:]) != encoder:
-        raise ValueError(
+        raise InputError(
             f"image_features shape {tuple(features.shape)} does not fit input_ids {tuple(input_ids.shape)} and "
             f"this model's vision encoder: need B equal and (num_tokens, D_vis) = {encoder}"
         )
@@ -128,11 +130,11 @@ def check_logits_at(logits_at: torch.Tensor, input_ids: torch.Tensor) -> None:
     """`logits_at` as Flamingo.forward takes it: a (B, L) bool mask like `input_ids`, or (N,) integer flat indices."""
     if logits_at.dtype == torch.bool:
         if tuple(logits_at.shape) != tuple(input_ids.shape):
-            raise ValueError(
+            raise InputError(
                 f"logits_at shape {tuple(logits_at.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
     elif logits_at.ndim != 1 or logits_at.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"logits_at must be a (B, L) bool mask or (N,) flat indices; got {_describe(logits_at)}"
         )
 

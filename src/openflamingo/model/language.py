@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
@@ -53,7 +55,7 @@ def find_decoder_layers(lm: nn.Module, path: str | None = None) -> tuple[str, nn
     if path is not None:
         layers = _get_path(lm, path)
         if not isinstance(layers, nn.ModuleList):
-            raise ValueError(
+            raise InputError(
                 f"decoder_layers_path={path!r} does not name an nn.ModuleList on {type(lm).__name__}"
             )
         return path, layers
@@ -71,7 +73,7 @@ def find_decoder_layers(lm: nn.Module, path: str | None = None) -> tuple[str, nn
             and len({type(m) for m in module}) == 1
         ):
             return name, module
-    raise ValueError(
+    raise InputError(
         f"cannot find the decoder layers of {type(lm).__name__}: tried {', '.join(DECODER_LAYER_PATHS)} and a search "
         f"for an nn.ModuleList of {expected} identical blocks; name them with decoder_layers_path='attr.path'"
     )
@@ -93,9 +95,9 @@ class SpecialTokens:
     def __post_init__(self) -> None:
         self.added = list(self.added)
         if self.media not in self.added:
-            raise ValueError(f"special_tokens.added={self.added} must include the media token {self.media!r}")
+            raise InputError(f"special_tokens.added={self.added} must include the media token {self.media!r}")
         if self.around_media is not None and self.around_media not in self.added:
-            raise ValueError(
+            raise InputError(
                 f"special_tokens.added={self.added} must include around_media {self.around_media!r}"
             )
 
@@ -161,7 +163,7 @@ def add_special_tokens(tokenizer, tokens: SpecialTokens | None = None) -> Specia
     end_of_chunk = tokenizer.convert_tokens_to_ids(tokens.end_of_chunk)
     unknown = end_of_chunk == tokenizer.unk_token_id and tokens.end_of_chunk != tokenizer.unk_token
     if end_of_chunk is None or unknown:
-        raise ValueError(
+        raise InputError(
             f"special_tokens.end_of_chunk={tokens.end_of_chunk!r} is not a token of this tokenizer"
         )
     pad = tokenizer.pad_token_id
@@ -169,7 +171,7 @@ def add_special_tokens(tokenizer, tokens: SpecialTokens | None = None) -> Specia
     first_added = min(added)
     if added != set(range(first_added, len(tokenizer))):
         listed = ", ".join(f"{token}={i}" for token, i in ids.items())
-        raise ValueError(
+        raise InputError(
             f"tokenizer special tokens {listed}, pad={pad} must be the last ids of its vocabulary (size "
             f"{len(tokenizer)}); add them to a tokenizer that has no other added tokens"
         )
@@ -190,7 +192,7 @@ class AddedTokenEmbeddings(nn.Module):
         base_in = lm.get_input_embeddings().weight
         base_out = lm.get_output_embeddings()
         if ids.first_added > base_in.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"tokenizer has {ids.first_added} base tokens but the LM embeds only {base_in.shape[0]}; wrong tokenizer?"
             )
         # HF's mean-resizing: new rows start at the mean of the existing ones, keeping logits in range.

@@ -7,9 +7,6 @@ blocks, and optional per-head q/k norms in both.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from typing import Literal
 
 import torch
@@ -19,28 +16,6 @@ from torch import nn
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "relu"]
 FeedForwardKind = Literal["gelu", "relu", "swiglu"]
-
-
-def check_choices(config, where: str) -> None:
-    """Every `Literal[...]` field of dataclass `config` holds one of its choices; the error names the field."""
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        choices = _literal_choices(hints[f.name])
-        value = getattr(config, f.name)
-        if choices is not None and value not in choices:
-            raise ValueError(
-                f"{where}.{f.name}={value!r} is not known; expected one of {', '.join(map(repr, choices))}"
-            )
-
-
-def _literal_choices(hint) -> tuple | None:
-    if typing.get_origin(hint) is Literal:
-        return typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if typing.get_origin(arg) is Literal:
-                return (*typing.get_args(arg), None)
-    return None
 
 
 def make_norm(kind: Norm, dim: int, eps: float = 1e-5) -> nn.Module:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InputError, MissingDependencyError, MissingFileError
+
 ADAPTER_DIR = "adapter"
 CROSS_ATTENTION_ADAPTER_DIR = "cross_attention_adapter"
 PEFT_PREFIX = "base_model.model."
@@ -40,17 +42,17 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+            raise InputError(f"lora.rank must be >= 1, got {self.rank}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules and not self.cross_attention_modules:
-            raise ValueError(
+            raise InputError(
                 "lora.target_modules and lora.cross_attention_modules are both empty; name the LM's linear layers "
                 "(e.g. q_proj) or the cross-attention blocks' (e.g. to_q) to adapt"
             )
         refused = [name for name in self.target_modules if name.split(".")[-1] in NOT_ADAPTABLE]
         if refused:
-            raise ValueError(f"lora.target_modules: {refused[0]!r} cannot take LoRA (Flamingo hooks it)")
+            raise InputError(f"lora.target_modules: {refused[0]!r} cannot take LoRA (Flamingo hooks it)")
 
     def peft_config(self, target_modules: list[str]):
         peft = _import_peft()
@@ -66,7 +68,7 @@ def _import_peft():
     try:
         import peft
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             "LoRA needs peft: pip install 'openflamingo[train]' (or pip install peft)"
         ) from None
     return peft
@@ -86,7 +88,7 @@ def inject_lora(language_model: nn.Module, settings: LoraSettings) -> None:
     present = {name.split(".")[-1] for name, _ in language_model.named_modules()}
     missing = [name for name in settings.target_modules if name.split(".")[-1] not in present]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"lora.target_modules: {missing[0]!r} is not a module of this LM; its linear layers: "
             f"{linear_layer_names(language_model)}"
         )
@@ -98,7 +100,7 @@ def inject_cross_attention_lora(blocks: nn.ModuleDict, settings: LoraSettings) -
     linear = linear_layer_names(blocks)
     unknown = [name for name in settings.cross_attention_modules if name not in linear]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"lora.cross_attention_modules: {unknown[0]!r} is not a linear layer of these cross-attention blocks; "
             f"theirs: {linear}"
         )
@@ -174,16 +176,16 @@ def load_adapter(module: nn.Module, directory: Path) -> None:
 
     path = directory / "adapter_model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the checkpoint's config has LoRA but no adapter weights")
+        raise MissingFileError(f"{path} not found: the checkpoint's config has LoRA but no adapter weights")
     saved = load_file(path)
     expected = adapter_state(module)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise ValueError(f"{path}: {len(missing)} missing / {len(unexpected)} unexpected key(s), e.g. {what}")
+        raise InputError(f"{path}: {len(missing)} missing / {len(unexpected)} unexpected key(s), e.g. {what}")
     for key, value in saved.items():
         if value.shape != expected[key].shape:
-            raise ValueError(
+            raise InputError(
                 f"{path}: {key} has shape {tuple(value.shape)}, model expects {tuple(expected[key].shape)}"
             )
     peft = _import_peft()

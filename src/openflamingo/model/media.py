@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from .cross_attention import ImageSpans, blank_after_end_of_sequence, image_spans, media_attention_mask
 from .packing import restart_per_document
 
@@ -61,7 +62,7 @@ class MediaState:
         # A static cache's count is on the device: a call with one continues the call that placed tokens before.
         continuing = num_cached > 0 if isinstance(num_cached, int) else self.images_seen is not None
         if continuing and self.images_seen is None:
-            raise ValueError("a cached language-model call must continue an uncached one on the same media")
+            raise InputError("a cached language-model call must continue an uncached one on the same media")
         is_media = input_ids == media_id
         prompt = None
         if self.prompt_length is not None:
@@ -80,7 +81,7 @@ class MediaState:
             and num_cached >= self.prompt_length
         )
         if not (self.validated or decoding) and int(text_time.max()) > num_media:
-            raise ValueError(f"input has more <image> tokens than images ({num_media} per sample)")
+            raise InputError(f"input has more <image> tokens than images ({num_media} per sample)")
         self.images_seen = text_time[:, -1]
         if eos_id is not None:
             is_eos = input_ids == eos_id
@@ -102,7 +103,7 @@ class MediaState:
         if batch_size == current:
             return
         if batch_size % current:
-            raise ValueError(f"language model called with batch {batch_size} for {current} image sets")
+            raise InputError(f"language model called with batch {batch_size} for {current} image sets")
         self.select_rows(torch.arange(current, device=self.visual_tokens.device).repeat_interleave(
             batch_size // current
         ))  # fmt: skip
@@ -127,7 +128,7 @@ class MediaState:
             [_pad_after(self.visual_tokens, images, 1), _pad_after(other.visual_tokens, images, 1)]
         )
         if set(self.keys_values) != set(other.keys_values):
-            raise ValueError("cannot join media states with keys/values of different blocks")
+            raise InputError("cannot join media states with keys/values of different blocks")
         self.keys_values = {
             i: tuple(
                 torch.cat(
@@ -151,5 +152,5 @@ def _pad_after(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 
 def _cat_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if (a is None) != (b is None):
-        raise ValueError("cannot join a media state that has placed tokens with one that has not")
+        raise InputError("cannot join a media state that has placed tokens with one that has not")
     return None if a is None else torch.cat([a, b])

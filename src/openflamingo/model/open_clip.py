@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import InputError, MissingFileError
+
 # open_clip 2.20 CLIPVisionCfg defaults, used where a model config leaves a field out.
 OPEN_CLIP_VISION_DEFAULTS = {
     "image_size": 224,
@@ -55,7 +57,7 @@ def clip_vision_config_from_open_clip(open_clip_model_config: dict):
 
     vision = open_clip_model_config.get("vision_cfg") if isinstance(open_clip_model_config, dict) else None
     if not isinstance(vision, dict):
-        raise ValueError(
+        raise InputError(
             "open_clip config: expected the open_clip model-config JSON object with a 'vision_cfg' object "
             f"(like open_clip's model_configs/ViT-L-14.json), got keys {sorted(open_clip_model_config or {})}"
         )
@@ -67,30 +69,30 @@ def clip_vision_config_from_open_clip(open_clip_model_config: dict):
     )
     unknown = sorted(set(vision) - known)
     if unknown:
-        raise ValueError(f"open_clip config: vision_cfg has unknown key(s) {', '.join(unknown)}")
+        raise InputError(f"open_clip config: vision_cfg has unknown key(s) {', '.join(unknown)}")
     unsupported = {
         k: vision[k] for k, off in OPEN_CLIP_VISION_UNSUPPORTED.items() if vision.get(k, off) != off
     }
     if unsupported:
-        raise ValueError(
+        raise InputError(
             f"open_clip config: vision_cfg {unsupported} is not supported; only plain ViTs convert "
             f"(expected {{{', '.join(f'{k}: {OPEN_CLIP_VISION_UNSUPPORTED[k]!r}' for k in unsupported)}}})"
         )
     settings = {**OPEN_CLIP_VISION_DEFAULTS, **vision}
     if not isinstance(settings["layers"], int):
-        raise ValueError(
+        raise InputError(
             f"open_clip config: vision_cfg.layers={settings['layers']!r} is a ResNet; only ViTs convert"
         )
     image_size, patch_size = settings["image_size"], settings["patch_size"]
     if isinstance(image_size, (list, tuple)):
         if len(set(image_size)) != 1:
-            raise ValueError(
+            raise InputError(
                 f"open_clip config: vision_cfg.image_size={image_size!r}; only square images convert"
             )
         image_size = image_size[0]
     if isinstance(patch_size, (list, tuple)):
         if len(set(patch_size)) != 1:
-            raise ValueError(
+            raise InputError(
                 f"open_clip config: vision_cfg.patch_size={patch_size!r}; only square patches convert"
             )
         patch_size = patch_size[0]
@@ -154,13 +156,13 @@ def convert_open_clip_vision_state_dict(
             qkv_sources[source_block + source] = (target_block + "self_attn.", kind)
     unknown = sorted(set(state) - set(renames) - set(qkv_sources) - set(_OPEN_CLIP_DROPPED))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"open_clip vision state dict: unknown key(s) {', '.join(unknown)} for a {num_layers}-layer plain ViT "
             "(keys must not carry the 'visual.' prefix)"
         )
     missing = sorted((set(renames) | set(qkv_sources)) - set(state))
     if missing:
-        raise ValueError(f"open_clip vision state dict: missing key(s) {', '.join(missing)}")
+        raise InputError(f"open_clip vision state dict: missing key(s) {', '.join(missing)}")
     converted = {target: state[source] for source, target in renames.items()}
     for source, (target_prefix, kind) in qkv_sources.items():
         # clone: views into one packed tensor could not be saved with safetensors
@@ -174,7 +176,7 @@ def load_open_clip_visual_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The `visual.*` tensors of an open_clip checkpoint (.safetensors, or .pt/.bin state dict), prefix removed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"open_clip checkpoint {path} does not exist")
+        raise MissingFileError(f"open_clip checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -183,7 +185,7 @@ def load_open_clip_visual_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(
+            raise InputError(
                 f"open_clip checkpoint {path}: torch.load(weights_only=True) failed ({err}); expected a state-dict "
                 "checkpoint (.pt/.bin) or .safetensors, not a TorchScript archive"
             ) from err
@@ -195,7 +197,7 @@ def load_open_clip_visual_state_dict(path: str | Path) -> dict[str, Tensor]:
         }  # saved from a DDP-wrapped model
     visual = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
     if not visual:
-        raise ValueError(
+        raise InputError(
             f"open_clip checkpoint {path}: no 'visual.*' keys; first keys are {sorted(state)[:5]}"
         )
     return visual

@@ -18,6 +18,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..errors import InputError
+
 DOCUMENT_ATTENTION = "openflamingo_documents"
 # Per row, the [start, end) of each run of equal document ids (padding runs included), in order.
 DocumentSpans = list[list[tuple[int, int]]]
@@ -86,7 +88,7 @@ def document_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if key.shape[2] != query.shape[2]:
-        raise ValueError("per-document attention takes whole packed rows, without a cache")
+        raise InputError("per-document attention takes whole packed rows, without a cache")
     return _attend_per_document(query, key, value, document_spans, dropout, scaling), None
 
 

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Activation, FeedForward, check_choices
+from ..config_loader import check_choices
+from ..errors import InputError
+from .layers import Activation, FeedForward
 
 
 @dataclass
@@ -86,7 +88,7 @@ class PerceiverResampler(nn.Module):
         if num_frames > 1 or self.frame_embeddings is not None:
             max_frames = 1 if self.frame_embeddings is None else self.frame_embeddings.shape[0]
             if num_frames > max_frames:
-                raise ValueError(
+                raise InputError(
                     f"images have {num_frames} frames per image but the perceiver supports {max_frames}; "
                     "set perceiver.max_num_frames to enable video input"
                 )

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
@@ -28,7 +30,7 @@ def preset_names() -> list[str]:
 def _read(name: str) -> dict[str, Any]:
     path = PRESETS_DIR / f"{name}.json"
     if not path.is_file():
-        raise ValueError(f"model.preset={name!r} is not known; presets: {', '.join(preset_names())}")
+        raise InputError(f"model.preset={name!r} is not known; presets: {', '.join(preset_names())}")
     return json.loads(path.read_text())
 
 

@@ -20,6 +20,8 @@ import re
 import string
 from dataclasses import dataclass, field
 
+from ..errors import InputError
+
 MEDIA = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
 KINDS = ("flamingo", "chat")
@@ -53,24 +55,24 @@ class PromptFormat:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"prompt_format.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise InputError(f"prompt_format.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         fields = [name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None]
         if sorted(set(fields) - {"images"}) != ["answer", "question"] or len(fields) != len(set(fields)):
-            raise ValueError(
+            raise InputError(
                 f"prompt_format.template {self.template!r} must use {{question}} and {{answer}} once each "
                 "(and {images} at most once), and nothing else"
             )
         self.stop = list(self.stop)
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"prompt_format.stop={self.stop!r} must list non-empty strings")
+            raise InputError(f"prompt_format.stop={self.stop!r} must list non-empty strings")
         if self.template.index("{answer}") < self.template.index("{question}"):
-            raise ValueError(f"prompt_format.template {self.template!r}: {{answer}} must follow {{question}}")
+            raise InputError(f"prompt_format.template {self.template!r}: {{answer}} must follow {{question}}")
         if self.template.find("{images}") > self.template.index("{answer}"):
-            raise ValueError(
+            raise InputError(
                 f"prompt_format.template {self.template!r}: {{images}} must come before {{answer}}"
             )
         if MEDIA in self.template:
-            raise ValueError(
+            raise InputError(
                 f"prompt_format.template {self.template!r}: leave out {MEDIA}; a turn's images go before it"
             )
 
@@ -92,7 +94,7 @@ class PromptFormat:
             closing = [end_of_chunk] if self.answer_end is None else [self.answer_end] * bool(self.answer_end)
             return list(dict.fromkeys([*closing, *self.stop]))
         if tokenizer is None or tokenizer.eos_token is None:
-            raise ValueError(
+            raise InputError(
                 "the chat prompt format needs a tokenizer with an eos_token to know where answers end"
             )
         return list(dict.fromkeys([tokenizer.eos_token, end_of_chunk, *self.stop]))
@@ -131,7 +133,7 @@ class PromptFormat:
 
     def _render_chat(self, messages: list[Message], tokenizer, add_generation_prompt: bool) -> RenderedPrompt:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise InputError(
                 "prompt_format.kind = 'chat' needs a tokenizer with a chat template; this language model's "
                 "tokenizer has none (use kind = 'flamingo')"
             )
@@ -153,7 +155,7 @@ class PromptFormat:
                 continue
             before, through = apply(i, True), apply(i + 1, False)
             if not through.startswith(before):
-                raise ValueError(
+                raise InputError(
                     "this chat template renders earlier turns differently once an answer follows, so answers "
                     "cannot be located for training; use prompt_format.kind = 'flamingo'"
                 )
@@ -163,17 +165,17 @@ class PromptFormat:
 
 def _check_messages(messages: list[Message], add_generation_prompt: bool) -> None:
     if not messages:
-        raise ValueError("a conversation needs at least one message")
+        raise InputError("a conversation needs at least one message")
     for i, message in enumerate(messages):
         if message.role not in ROLES:
-            raise ValueError(f"message {i}: role {message.role!r} is not one of {', '.join(ROLES)}")
+            raise InputError(f"message {i}: role {message.role!r} is not one of {', '.join(ROLES)}")
         if END_OF_CHUNK in message.text:
-            raise ValueError(f"message {i} ({message.role}) contains {END_OF_CHUNK!r}")
+            raise InputError(f"message {i} ({message.role}) contains {END_OF_CHUNK!r}")
         if message.role != "user" and MEDIA in message.text:
-            raise ValueError(f"message {i} ({message.role}) has an image; only user messages can")
+            raise InputError(f"message {i} ({message.role}) has an image; only user messages can")
         if message.role == "system" and i != 0:
-            raise ValueError(f"message {i}: a system message must come first")
+            raise InputError(f"message {i}: a system message must come first")
     if add_generation_prompt and messages[-1].role != "user":
-        raise ValueError(
+        raise InputError(
             f"the last message must be the user's to prompt an answer, got {messages[-1].role!r}"
         )

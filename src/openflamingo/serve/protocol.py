@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InputError
 from ..model.prompt_format import END_OF_CHUNK, MEDIA, Message
 from .errors import ApiError
 
@@ -98,7 +99,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 
 def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
+    raise InputError(f"{name} is not a JSON number")
 
 
 def _check_tree(data: dict) -> None:

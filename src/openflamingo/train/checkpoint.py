@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..errors import InputError
 from .distributed import Distributed, barrier
 from .parallelize import unwrap
 
@@ -119,9 +120,9 @@ class Checkpointer:
         for candidate in (Path(resume), self.root / resume):
             if candidate.is_dir():
                 if not (candidate / META).is_file() or not (candidate / ".metadata").is_file():
-                    raise ValueError(f"checkpoint.resume: {candidate} is not a complete checkpoint")
+                    raise InputError(f"checkpoint.resume: {candidate} is not a complete checkpoint")
                 return candidate
-        raise ValueError(f"checkpoint.resume: no checkpoint {resume!r} (nor {self.root / resume})")
+        raise InputError(f"checkpoint.resume: no checkpoint {resume!r} (nor {self.root / resume})")
 
     # ----- saving ---------------------------------------------------------------------------------------------------
     def save(
@@ -166,7 +167,7 @@ class Checkpointer:
         """Restore model and optimizer in place; return (train state, this rank's state incl. RNG, not yet restored)."""
         meta = json.loads((path / META).read_text())
         if meta["world_size"] != self.dist.world_size:
-            raise ValueError(
+            raise InputError(
                 f"{path}: written by {meta['world_size']} processes, this run has {self.dist.world_size}; "
                 "the data-loader position is per process, so resume with the same number"
             )
@@ -174,7 +175,7 @@ class Checkpointer:
         saved = reader.read_metadata().state_dict_metadata
         rank_key = f"rank_{self.dist.rank}"
         if rank_key not in saved:
-            raise ValueError(f"{path}: no state for process {self.dist.rank}")
+            raise InputError(f"{path}: no state for process {self.dist.rank}")
         state = {
             "model": model_state(model),
             "optim": get_optimizer_state_dict(model, optimizer),
@@ -187,18 +188,18 @@ class Checkpointer:
         missing = sorted(expected - set(saved))
         if unexpected or missing:
             found = f"{_describe('missing', missing)}{_describe('unexpected', unexpected)}".rstrip("; ")
-            raise ValueError(f"{path}: does not match this run: {found}")
+            raise InputError(f"{path}: does not match this run: {found}")
         # The default load planner refuses partial loads and size mismatches; DCP reports any rank's failure as a
         # CheckpointException (a BaseException) whose last line is the cause.
         try:
             with _single_process_is_fine():
                 dcp.load(state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as error:
-            raise ValueError(f"{path}: cannot load: {str(error).strip().splitlines()[-1]}") from None
+            raise InputError(f"{path}: cannot load: {str(error).strip().splitlines()[-1]}") from None
         result = set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
         not_loaded = trainable_names(model) & set(result.missing_keys)
         if result.unexpected_keys or not_loaded:
-            raise ValueError(
+            raise InputError(
                 f"{path}: model did not load completely ({sorted(not_loaded or result.unexpected_keys)})"
             )
         set_optimizer_state_dict(model, optimizer, state["optim"])

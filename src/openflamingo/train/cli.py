@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from ..console import run_command, show_logs
+from ..errors import InputError
 
 
 class _TrainParser(argparse.ArgumentParser):
@@ -34,7 +36,7 @@ def default_recipe() -> Path:
     """configs/demo.toml of the source checkout this package runs from (the README's `openflamingo train`)."""
     path = Path(__file__).resolve().parents[3] / "configs" / "demo.toml"
     if not path.is_file():
-        raise ValueError(
+        raise InputError(
             f"--config: not given, and the demo recipe {path} is not there; pass --config RECIPE.toml"
         )
     return path
@@ -42,17 +44,14 @@ def default_recipe() -> Path:
 
 def run(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .loop import NonFiniteLossError, train
+    from .loop import train
 
     config = load_config(args.config or default_recipe(), args.overrides)
     if config.evaluate.before and os.environ.get("RANK", "0") == "0":
         from .evaluate import evaluate_before_training
 
         evaluate_before_training(config.model, config.evaluate, Path(config.train.output_dir))
-    try:
-        result = train(config)
-    except NonFiniteLossError as error:
-        raise ValueError(str(error)) from None
+    result = train(config)
     if os.environ.get("RANK", "0") != "0":
         return
     if result.export_dir is not None:
@@ -83,9 +82,5 @@ def main(argv: list[str] | None = None) -> int:
     parser = _TrainParser(prog="python -m openflamingo.train", allow_abbrev=False)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
-        print(f"openflamingo train: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    show_logs()
+    return run_command("train", lambda: run(args))

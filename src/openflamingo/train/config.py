@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal
 
+from ..config_loader import coerce, field_types, from_dict, type_name, unwrap_optional
+from ..errors import InputError
 from ..model.config import FlamingoConfig
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+CHAT_TASK = "easy_vqa_chat"  # the chat-format evaluation (train/evaluate.py), besides eval.tasks.TASKS
 
 
 @dataclass
@@ -39,6 +41,14 @@ class DatasetConfig:
     options: dict = field(default_factory=dict)  # loader-specific settings; the loader builder validates them
 
 
+def rank_batch_size(name: str, dataset: DatasetConfig, world_size: int) -> int:
+    if dataset.batch_size % world_size:
+        raise InputError(
+            f"datasets.{name}.batch_size: {dataset.batch_size} is not divisible by the {world_size} processes"
+        )
+    return dataset.batch_size // world_size
+
+
 @dataclass
 class DataConfig:
     # A registered name ("synthetic") or "package.module:function"; see openflamingo.train.data.build_loader.
@@ -50,7 +60,7 @@ class DataConfig:
     feature_cache: bool = False
     # How the cache stores the tokens: "auto" (the encoder's output dtype: exact) | "bf16" | "fp16" | "fp32". bf16 or
     # fp16 halve an fp32 output's disk; lookups cast back, so the loss moves by that rounding only.
-    feature_dtype: str = "auto"
+    feature_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
 
 @dataclass
@@ -58,7 +68,7 @@ class TrainConfig:
     steps: int = 100  # optimizer steps
     grad_accum: int = 1  # micro-steps per optimizer step
     lr: float = 1e-4
-    schedule: str = "constant"  # "constant" | "linear" | "cosine" (after warmup)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warmup
     warmup_steps: int = 0  # counted in optimizer steps
     # linear/cosine: decay over only the last decay_steps steps, at lr until then (warmup-stable-decay); unset: decay
     # from the end of warmup.
@@ -67,7 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     # Which parameters decay: "cross_attention" (OpenFlamingo: cross-attention matrices only, no gates/norms/biases),
     # "matrices" (every trainable matrix) or "none".
-    decay: str = "cross_attention"
+    decay: Literal["cross_attention", "matrices", "none"] = "cross_attention"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     # lr multipliers by parameter-name prefix, e.g. {added_tokens = 10.0}: the special-token embeddings must move
@@ -76,7 +86,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # global gradient clipping; 0 disables (the norm is still logged)
     seed: int = 0
     max_nonfinite_in_row: int = 5  # NaN/inf steps are skipped; this many in a row stop the run
-    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when available, else cpu) | "cpu" | "cuda"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
     # torch.use_deterministic_algorithms for the run: reruns and resumes give bitwise-identical results (README,
     # "Reproducibility"). Unset: on for CPUs (costs little there), off for GPUs (deterministic kernels are slower).
     deterministic: bool | None = None
@@ -86,15 +96,14 @@ class TrainConfig:
 @dataclass
 class PrecisionConfig:
     # "auto": bf16 on CUDA; fp32 on CPU, where bf16 matmuls are far slower than fp32 on common x86 cores.
-    autocast: str = "auto"  # "auto" | "bf16" | "fp32"
-    frozen_dtype: str = (
-        "auto"  # storage of the frozen backbones: "auto" (= autocast's choice) | "bf16" | "fp32"
-    )
+    autocast: Literal["auto", "bf16", "fp32"] = "auto"
+    # Storage of the frozen backbones; "auto": autocast's choice.
+    frozen_dtype: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 @dataclass
 class ParallelConfig:
-    mode: str = "auto"  # "auto" (ddp when launched with several processes) | "none" | "ddp" | "fsdp"
+    mode: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto: ddp when launched with several processes
     activation_checkpointing: bool = (
         False  # recompute each (cross-attention + decoder layer) unit in backward
     )
@@ -159,13 +168,12 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         # Checked when the recipe is read, not after the training it follows.
         from ..eval.tasks import TASKS
-        from .evaluate import CHAT_TASK
 
         known = [*TASKS, CHAT_TASK]
         named = {"evaluate.task": self.task, **{f"evaluate.extra_tasks.{t}": t for t in self.extra_tasks}}
         for key, task in named.items():
             if task is not None and task not in known:
-                raise ValueError(f"{key}: unknown task {task!r}; known: {', '.join(known)}")
+                raise InputError(f"{key}: unknown task {task!r}; known: {', '.join(known)}")
 
 
 @dataclass
@@ -189,143 +197,17 @@ class RunConfig:
         return out
 
 
-CHOICES = {
-    "train.schedule": ("constant", "linear", "cosine"),
-    "train.decay": ("cross_attention", "matrices", "none"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "precision.autocast": ("auto", "bf16", "fp32"),
-    "precision.frozen_dtype": ("auto", "bf16", "fp32"),
-    "data.feature_dtype": ("auto", "bf16", "fp16", "fp32"),
-    "parallel.mode": ("auto", "none", "ddp", "fsdp"),
-}
-
-
-# ----- building dataclasses from plain data, with errors that name the key -------------------------------------
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _unwrap_optional(tp) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], len(args) != len(typing.get_args(tp))
-    return tp, False
-
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` (from TOML or parsed from the command line) checked against / converted to type `tp`."""
-    tp, optional = _unwrap_optional(tp)
-    if tp is Any:  # free-form (an HF config dict): taken as it is, nulls included
-        return value
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{key}: a value is required ({_type_name(tp)})")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if origin is typing.Literal:
-        if value not in args:
-            raise ValueError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if origin is tuple or origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(f"{key}: expected {len(args)} values, got {list(value)!r}")
-            return tuple(
-                coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
-            )
-        item = args[0] if args else Any
-        items = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        item = args[1] if args else Any
-        return {k: coerce(v, item, f"{key}.{k}") for k, v in value.items()}
-    raise TypeError(f"{key}: unsupported config type {tp}")
-
-
-def from_dict(cls, data: Any, key: str):
-    """Dataclass `cls` from a dict: unknown keys, missing required keys and bad values name the key."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ValueError(f"{key}: expected a table, got {data!r}")
-    types_ = _field_types(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{_join(key, unknown[0])}: unknown key; known keys of {key}: {', '.join(fields)}")
-    values = {name: coerce(v, types_[name], _join(key, name)) for name, v in data.items()}
-    missing = [
-        name
-        for name, f in fields.items()
-        if name not in values
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ValueError(f"{_join(key, missing[0])}: missing required key")
-    try:
-        return cls(**values)
-    except ValueError as error:  # __post_init__ checks (e.g. model.vision) already say what is wrong
-        raise ValueError(f"{key}: {error}") from None
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 # ----- semantic checks that a type cannot express ----------------------------------------------------------------
 def validate(config: RunConfig) -> RunConfig:
-    flat = {
-        "train.schedule": config.train.schedule,
-        "train.decay": config.train.decay,
-        "train.device": config.train.device,
-        "precision.autocast": config.precision.autocast,
-        "precision.frozen_dtype": config.precision.frozen_dtype,
-        "data.feature_dtype": config.data.feature_dtype,
-        "parallel.mode": config.parallel.mode,
-    }
-    for key, value in flat.items():
-        if value not in CHOICES[key]:
-            raise ValueError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
     compile_ = config.parallel.compile
     if not (isinstance(compile_, bool) or compile_ == "auto"):
-        raise ValueError(f'parallel.compile: expected "auto", true or false, got {compile_!r}')
+        raise InputError(f'parallel.compile: expected "auto", true or false, got {compile_!r}')
     t = config.train
     positive = {"train.steps": t.steps, "train.grad_accum": t.grad_accum, "log.every": config.log.every}
     positive["checkpoint.keep"] = config.checkpoint.keep
     for key, value in positive.items():
         if value < 1:
-            raise ValueError(f"{key}: must be >= 1, got {value}")
+            raise InputError(f"{key}: must be >= 1, got {value}")
     non_negative = {
         "train.lr": t.lr,
         "train.min_lr": t.min_lr,
@@ -338,31 +220,31 @@ def validate(config: RunConfig) -> RunConfig:
     }
     for key, value in non_negative.items():
         if value < 0:
-            raise ValueError(f"{key}: must be >= 0, got {value}")
+            raise InputError(f"{key}: must be >= 0, got {value}")
     for prefix, scale in t.lr_scale.items():
         if scale < 0:
-            raise ValueError(f"train.lr_scale.{prefix}: must be >= 0, got {scale}")
+            raise InputError(f"train.lr_scale.{prefix}: must be >= 0, got {scale}")
     if t.decay_steps is not None and (t.decay_steps < 1 or t.schedule == "constant"):
-        raise ValueError(
+        raise InputError(
             f"train.decay_steps: {t.decay_steps} needs >= 1 and a linear or cosine train.schedule, "
             f"not {t.schedule!r}"
         )
     if t.min_lr > t.lr:
-        raise ValueError(f"train.min_lr: {t.min_lr} is above train.lr={t.lr}")
+        raise InputError(f"train.min_lr: {t.min_lr} is above train.lr={t.lr}")
     if config.data.feature_cache and config.data.loader != "shards":
-        raise ValueError(
+        raise InputError(
             f'data.feature_cache: only the "shards" loader reads a feature cache, not '
             f"data.loader={config.data.loader!r}"
         )
     if not config.enabled_datasets():
-        raise ValueError("datasets: no enabled dataset; add a [datasets.NAME] table with batch_size > 0")
+        raise InputError("datasets: no enabled dataset; add a [datasets.NAME] table with batch_size > 0")
     for name, d in config.enabled_datasets().items():
         if d.batch_size < 1:
-            raise ValueError(f"datasets.{name}.batch_size: must be >= 1, got {d.batch_size}")
+            raise InputError(f"datasets.{name}.batch_size: must be >= 1, got {d.batch_size}")
         if d.loss_weight < 0:
-            raise ValueError(f"datasets.{name}.loss_weight: must be >= 0, got {d.loss_weight}")
+            raise InputError(f"datasets.{name}.loss_weight: must be >= 0, got {d.loss_weight}")
         if d.seq_len < 2 or d.max_images < 1:
-            raise ValueError(f"datasets.{name}: seq_len must be >= 2 and max_images >= 1")
+            raise InputError(f"datasets.{name}: seq_len must be >= 2 and max_images >= 1")
     return config
 
 
@@ -373,11 +255,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"--config: {path} is not a file")
+            raise InputError(f"--config: {path} is not a file")
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
-            raise ValueError(f"{path}: not valid TOML ({error})") from None
+            raise InputError(f"{path}: not valid TOML ({error})") from None
     for key, text in parse_overrides(overrides or []):
         apply_override(data, key, text)
     return run_config(data)
@@ -406,14 +288,14 @@ def parse_overrides(tokens: list[str]) -> list[tuple[str, str]]:
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--") or len(token) == 2:
-            raise ValueError(f"{token}: expected an override --section.key VALUE")
+            raise InputError(f"{token}: expected an override --section.key VALUE")
         key, eq, value = token[2:].partition("=")
         if not eq:
             if i + 1 >= len(tokens):
-                raise ValueError(f"--{key}: missing value")
+                raise InputError(f"--{key}: missing value")
             value, i = tokens[i + 1], i + 1
         if "." not in key:
-            raise ValueError(f"--{key}: overrides name a section and a key, e.g. --train.lr 3e-4")
+            raise InputError(f"--{key}: overrides name a section and a key, e.g. --train.lr 3e-4")
         pairs.append((key, value))
         i += 1
     return pairs
@@ -426,41 +308,43 @@ def apply_override(data: dict[str, Any], key: str, text: str) -> None:
     node = data
     for depth, part in enumerate(parts):
         here = ".".join(parts[: depth + 1])
-        tp, _ = _unwrap_optional(tp)
+        tp, _ = unwrap_optional(tp)
         if dataclasses.is_dataclass(tp):
-            fields = _field_types(tp)
+            fields = field_types(tp)
             if part not in fields:
                 where = ".".join(parts[:depth]) or "config"
-                raise ValueError(f"{here}: unknown key; known keys of {where}: {', '.join(fields)}")
+                raise InputError(f"{here}: unknown key; known keys of {where}: {', '.join(fields)}")
             tp = fields[part]
         elif tp is dict or typing.get_origin(tp) is dict:
             args = typing.get_args(tp)
             tp = args[1] if args else Any
             if tp is not Any and part not in node:
-                raise ValueError(f"{here}: no such entry; defined: {', '.join(node) or 'none'}")
+                raise InputError(f"{here}: no such entry; defined: {', '.join(node) or 'none'}")
         elif tp is not Any:
-            raise ValueError(f"{here}: {'.'.join(parts[:depth])} is a {_type_name(tp)}, it has no keys")
+            raise InputError(f"{here}: {'.'.join(parts[:depth])} is a {type_name(tp)}, it has no keys")
         if depth < len(parts) - 1:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(f"{here}: is not a table in the recipe")
+                raise InputError(f"{here}: is not a table in the recipe")
             node = child
     node[parts[-1]] = parse_value(text, tp, key)
 
 
 def parse_value(text: str, tp: Any, key: str) -> Any:
     """A command-line string as the declared type: strings stay verbatim, the rest is read as a TOML value."""
-    inner, optional = _unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if optional and text.lower() in ("none", "null"):
         return None
     if inner is str:
         return text
+    if typing.get_origin(inner) is Literal and all(isinstance(choice, str) for choice in typing.get_args(inner)):
+        return coerce(text, tp, key)  # a choice is a bare word on the command line
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         if inner is Any:
             return text
-        raise ValueError(f"--{key}: expected {_type_name(inner)}, got {text!r}") from None
+        raise InputError(f"--{key}: expected {type_name(inner)}, got {text!r}") from None
     return coerce(value, tp, key)
 
 

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from .config import DataConfig, DatasetConfig
+from ..errors import InputError
+from .config import DataConfig, DatasetConfig, rank_batch_size
 
 
 class TrainLoader(Protocol):
@@ -33,14 +34,6 @@ class TrainLoader(Protocol):
 
 
 LoaderBuilder = Callable[..., TrainLoader]
-
-
-def rank_batch_size(name: str, dataset: DatasetConfig, world_size: int) -> int:
-    if dataset.batch_size % world_size:
-        raise ValueError(
-            f"datasets.{name}.batch_size: {dataset.batch_size} is not divisible by the {world_size} processes"
-        )
-    return dataset.batch_size // world_size
 
 
 def image_size(model) -> int:
@@ -76,11 +69,11 @@ class SyntheticLoader:
         for name, d in datasets.items():
             unknown = sorted(set(d.options) - {"image_size"})
             if unknown:
-                raise ValueError(
+                raise InputError(
                     f"datasets.{name}.options.{unknown[0]}: unknown option of the synthetic loader"
                 )
             if d.seq_len < 3 * d.max_images:
-                raise ValueError(
+                raise InputError(
                     f"datasets.{name}.seq_len: {d.seq_len} is too short for {d.max_images} images"
                 )
 
@@ -137,7 +130,7 @@ class SyntheticLoader:
         mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size}
         theirs = {k: state.get(k) for k in mine}
         if theirs != mine:
-            raise ValueError(f"loader state was saved for {theirs}, this run is {mine}")
+            raise InputError(f"loader state was saved for {theirs}, this run is {mine}")
         self.step = int(state["step"])
 
 
@@ -162,13 +155,13 @@ def resolve_builder(name: str) -> LoaderBuilder:
         return LOADERS[name]
     module_name, _, attr = name.partition(":")
     if not attr:
-        raise ValueError(
+        raise InputError(
             f"data.loader: {name!r} is neither a registered loader ({', '.join(LOADERS)}) nor module:function"
         )
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"data.loader: cannot import {name!r} ({error})") from None
+        raise InputError(f"data.loader: cannot import {name!r} ({error})") from None
 
 
 def build_loader(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -31,7 +33,7 @@ def setup(device: str = "auto") -> Distributed:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: 'cuda' requested but CUDA is not available")
+        raise InputError("train.device: 'cuda' requested but CUDA is not available")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import EvaluateConfig, ExtraEvaluation
+from ..errors import InputError
+from .config import CHAT_TASK, EvaluateConfig, ExtraEvaluation
 
 
 @contextmanager
@@ -34,7 +35,6 @@ def cross_attention_off(model) -> Iterator[None]:
                 gate.copy_(value)
 
 
-CHAT_TASK = "easy_vqa_chat"
 CHAT_TURNS = 3  # questions per held-out conversation
 
 
@@ -57,7 +57,7 @@ def evaluate_before_training(model_config, config: EvaluateConfig, output_dir: P
     if path.is_file():
         return json.loads(path.read_text())
     if config.task != CHAT_TASK:
-        raise ValueError(f"evaluate.before: only task {CHAT_TASK!r} scores the starting weights")
+        raise InputError(f"evaluate.before: only task {CHAT_TASK!r} scores the starting weights")
     scores = chat_scores(build_or_load(model_config), config)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(scores, indent=2) + "\n")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from .config import LogConfig
+
+logger = logging.getLogger(__name__)
 
 
 def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -69,7 +73,7 @@ class MetricLogger:
             try:
                 import wandb
             except ImportError:
-                raise ValueError(
+                raise InputError(
                     "log.wandb: true but the wandb package is not installed (pip install wandb)"
                 ) from None
             self.wandb = wandb.init(
@@ -101,7 +105,7 @@ class MetricLogger:
         if self.bar is not None:
             self.bar.write(message, file=sys.stderr)
         else:
-            print(message, file=sys.stderr)
+            logger.info(message)
 
     def close(self) -> None:
         for sink in (self.bar, self.jsonl, self.tb):

@@ -10,6 +10,7 @@ across ranks and micro-steps; with global token normalisation, 2 processes x bat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError, OpenFlamingoError
 from ..model.checkpoint import build_or_load
 from ..model.flamingo import Flamingo
 from ..model.inputs import to_device
@@ -36,7 +38,7 @@ from .parallelize import autocast_dtype, gradient_sync, parallelize, unwrap
 from .prefetch import DevicePrefetcher, prepare_batch
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(OpenFlamingoError, RuntimeError):
     """Too many optimizer steps in a row had a NaN/inf loss or gradient norm."""
 
 
@@ -104,7 +106,7 @@ def train(config: RunConfig) -> TrainResult:
                 error
             ):
                 op = str(error).split(" does not have", 1)[0].strip()
-                raise ValueError(
+                raise InputError(
                     f"train.deterministic: {op} has no deterministic implementation on this device; "
                     "set --train.deterministic false to run without the guarantee"
                 ) from None
@@ -131,11 +133,111 @@ def deterministic_algorithms(config: TrainConfig) -> Iterator[None]:
         torch.backends.cudnn.deterministic = previous[1]
 
 
-def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
-    tc, device = config.train, dist.device
-    output_dir = Path(tc.output_dir)
-    names = sorted(config.enabled_datasets())  # fixed order: reductions must line up across ranks
+@dataclass
+class TrainState:
+    """What the run carries from one optimizer step to the next; `state_dict()` is the checkpoint's "train" entry."""
 
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    skipped_steps: int = 0  # steps whose loss or gradient norm was not finite (no update)
+    nonfinite_in_row: int = 0
+    tokens_seen: int = 0  # sequence positions, all ranks
+    schedule: dict[str, Any] = field(default_factory=dict)  # LRSchedule.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.state_dict():
+            setattr(self, name, state[name])
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's results. The tensors stay on the device until a `StepWindow` reads them."""
+
+    step: int
+    lr: float
+    loss: torch.Tensor  # () loss-weighted sum over datasets
+    grad_norm: torch.Tensor  # () before clipping
+    nonfinite: torch.Tensor  # () 1.0 when the loss or gradient norm was not finite: the update was skipped
+    dataset_loss: torch.Tensor  # (datasets,) in `Trainer.names` order
+    loss_tokens: torch.Tensor  # (datasets,) loss tokens of the step, all ranks
+    local_tokens: float  # sequence positions of this rank's micro-batches
+
+
+@dataclass
+class WindowRecord:
+    """What a `StepWindow` read: per-step losses, the skipped steps, and the last step's metrics."""
+
+    losses: dict[int, float]  # step -> loss
+    skipped: list[tuple[int, float, float]]  # (step, loss, grad norm) of steps with a non-finite value
+    nonfinite_in_row: int  # after the window's last step
+    tokens: int  # sequence positions of the window's steps, all ranks
+    metrics: dict[str, Any]  # the last step's record: loss, dataset_loss, lr, grad_norm, throughput
+
+
+@dataclass
+class Trainer:
+    """The parts of a run that a training step uses, built once by `setup`."""
+
+    config: RunConfig
+    dist: distributed.Distributed
+    model: torch.nn.Module  # wrapped for DDP/FSDP where the run is distributed
+    flamingo: Flamingo  # the same model unwrapped
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    loader: Any
+    names: list[str]  # enabled datasets in a fixed order: reductions must line up across ranks
+    amp: torch.dtype | None
+    throughput: Throughput
+    loss_weights: torch.Tensor  # (datasets,) on the device, in `names` order
+    params: list[torch.nn.Parameter]  # the trainable ones, clipped together
+
+    def train_step(self, micro_batches: list[dict[str, dict[str, Any]]]) -> StepStats:
+        """One optimizer step over `micro_batches` (per dataset, prepared and on the device): accumulate, clip,
+        step. Nothing in it waits for the device."""
+        device, dist, weights = self.dist.device, self.dist, self.loss_weights
+        # Loss tokens per dataset over the whole step and all ranks: each dataset's loss denominator.
+        loss_tokens = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+        local_tokens = 0.0
+        for mb in micro_batches:
+            for name, batch in mb.items():
+                loss_tokens[self.names.index(name)] += batch["loss_tokens"]
+                local_tokens += batch["tokens"]
+        distributed.all_reduce_sum(loss_tokens)
+        denominators = loss_tokens.clamp(min=1)  # a dataset without loss tokens this step adds 0
+
+        lr = self.schedule.apply(self.optimizer)
+        loss_sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+        work = [(name, batch) for mb in micro_batches for name, batch in mb.items()]
+        for i, (name, batch) in enumerate(work):
+            k = self.names.index(name)
+            # DDP/FSDP average gradients over ranks; scale by world size so they sum instead.
+            scale = (weights[k] * dist.world_size / denominators[k]).float()
+            with gradient_sync(self.model, enabled=i == len(work) - 1):
+                loss_sums[k] += forward_backward(self.model, batch, scale, device, self.amp)
+
+        distributed.all_reduce_sum(loss_sums)
+        dataset_loss = loss_sums / denominators
+        loss = (weights * dataset_loss).sum()
+        max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        nonfinite = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        self.optimizer.found_inf = (
+            nonfinite  # the fused AdamW skips the whole update (and its step count) at 1
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.advance()
+        return StepStats(
+            self.schedule.step, lr, loss, grad_norm, nonfinite, dataset_loss, loss_tokens, local_tokens
+        )
+
+
+def setup(config: RunConfig, dist: distributed.Distributed) -> Trainer:
+    """Build (or load) the model, parallelize it, and make its optimizer, schedule and data loader."""
+    tc = config.train
     # Same seed on every rank: identical initial weights (DDP/FSDP expect them), including backbones that are
     # randomly initialised from a config (build_flamingo seeds only the new parts).
     torch.manual_seed(tc.seed)
@@ -143,7 +245,7 @@ def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
     model = parallelize(model, config, dist)
     flamingo = unwrap(model)
     optimizer = build_optimizer(flamingo, tc)
-    schedule = LRSchedule(tc)
+    names = sorted(config.enabled_datasets())
     loader = build_loader(
         config.enabled_datasets(),
         config.data,
@@ -152,93 +254,86 @@ def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
         world_size=dist.world_size,
         seed=tc.seed if config.data.seed is None else config.data.seed,
     )
-    throughput = Throughput(peak_flops(device, config.log.peak_tflops), dist.world_size)
-    amp = autocast_dtype(config, device)
+    trainer = Trainer(
+        config=config,
+        dist=dist,
+        model=model,
+        flamingo=flamingo,
+        optimizer=optimizer,
+        schedule=LRSchedule(tc),
+        loader=loader,
+        names=names,
+        amp=autocast_dtype(config, dist.device),
+        throughput=Throughput(peak_flops(dist.device, config.log.peak_tflops), dist.world_size),
+        loss_weights=torch.tensor(
+            [config.datasets[n].loss_weight for n in names], dtype=torch.float64, device=dist.device
+        ),
+        params=[p for p in model.parameters() if p.requires_grad],
+    )
     if config.log.mfu:
-        throughput.flops_per_token = measure_flops_per_token(model, flamingo, loader, device, amp)
+        trainer.throughput.flops_per_token = measure_flops_per_token(
+            model, flamingo, loader, dist.device, trainer.amp
+        )
+    return trainer
+
+
+def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
+    tc = config.train
+    output_dir = Path(tc.output_dir)
+    trainer = setup(config, dist)
+    model, optimizer, schedule = trainer.model, trainer.optimizer, trainer.schedule
     torch.manual_seed(tc.seed + 1_000_003 * dist.rank)  # runtime randomness differs per rank, reproducibly
 
     checkpointer = Checkpointer(output_dir / "checkpoints", config.checkpoint.keep, dist)
-    counters = {
-        "step": 0,
-        "skipped_steps": 0,
-        "nonfinite_in_row": 0,
-        "tokens_seen": 0,
-        "schedule": schedule.state_dict(),
-    }
+    state = TrainState(schedule=schedule.state_dict())
     resume_path = checkpointer.resolve(config.checkpoint.resume)
     if resume_path is not None:
-        counters, rank_state = checkpointer.load(resume_path, model, optimizer, dict(counters))
-        loader.load_state_dict(rank_state["loader"])
+        saved, rank_state = checkpointer.load(resume_path, model, optimizer, state.state_dict())
+        state.load_state_dict(saved)
+        trainer.loader.load_state_dict(rank_state["loader"])
         restore_rng(rank_state["rng"])
-        schedule.load_state_dict(counters["schedule"])
-    step = counters["step"]
+        schedule.load_state_dict(state.schedule)
 
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.toml").write_text(to_toml(config.to_dict()))
-    log = MetricLogger(config.log, output_dir, tc.steps, step, dist.is_main, config.to_dict())
+    log = MetricLogger(config.log, output_dir, tc.steps, state.step, dist.is_main, config.to_dict())
     if resume_path is not None:
-        log.write(f"resumed from {resume_path} at step {step}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    result = TrainResult(model=flamingo, resumed_from=resume_path)
+        log.write(f"resumed from {resume_path} at step {state.step}")
+    result = TrainResult(model=trainer.flamingo, resumed_from=resume_path)
 
-    # Nothing in a step waits for the device: losses, gradient norms and the non-finite checks stay device tensors
-    # until the window reads them, in one transfer per log interval (and at checkpoints).
-    weights = torch.tensor(
-        [config.datasets[n].loss_weight for n in names], dtype=torch.float64, device=device
-    )
-    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf
-    prefetcher = DevicePrefetcher(loader, device, partial(prepare_batch, flamingo))
-    window = StepWindow(config, names, prefetcher, throughput, log, dist, counters["nonfinite_in_row"])
+    # Losses, gradient norms and the non-finite checks stay device tensors until the window reads them, in one
+    # transfer per log interval (and at checkpoints).
+    prefetcher = DevicePrefetcher(trainer.loader, dist.device, partial(prepare_batch, trainer.flamingo))
+    window = StepWindow(trainer.names, prefetcher, trainer.throughput, dist.device, state.nonfinite_in_row)
     try:
-        while step < tc.steps:
-            micro_batches = [next(prefetcher) for _ in range(tc.grad_accum)]
-
-            # Loss tokens per dataset over the whole step and all ranks: each dataset's loss denominator.
-            token_counts = torch.zeros(len(names), dtype=torch.float64, device=device)
-            for mb in micro_batches:
-                for name, batch in mb.items():
-                    token_counts[names.index(name)] += batch["loss_tokens"]
-                    window.local_tokens += batch["tokens"]
-            distributed.all_reduce_sum(token_counts)
-            denominators = token_counts.clamp(min=1)  # a dataset without loss tokens this step adds 0
-
-            lr = schedule.apply(optimizer)
-            loss_sums = torch.zeros(len(names), dtype=torch.float64, device=device)
-            work = [(name, batch) for mb in micro_batches for name, batch in mb.items()]
-            for i, (name, batch) in enumerate(work):
-                k = names.index(name)
-                # DDP/FSDP average gradients over ranks; scale by world size so they sum instead.
-                scale = (weights[k] * dist.world_size / denominators[k]).float()
-                with gradient_sync(model, enabled=i == len(work) - 1):
-                    loss_sums[k] += forward_backward(model, batch, scale, device, amp)
-
-            distributed.all_reduce_sum(loss_sums)
-            dataset_loss = loss_sums / denominators
-            loss = (weights * dataset_loss).sum()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            nonfinite = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
-            optimizer.found_inf = (
-                nonfinite  # the fused AdamW skips the whole update (and its step count) at 1
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.advance()
-            step += 1
-            window.add(step, lr, loss, grad_norm, dataset_loss, token_counts, nonfinite)
+        while state.step < tc.steps:
+            window.add(trainer.train_step([next(prefetcher) for _ in range(tc.grad_accum)]))
+            state.step = schedule.step
             log.progress(1)
 
             every = config.checkpoint.every
-            log_now = step % config.log.every == 0 or step == tc.steps
-            checkpoint_now = (every and step % every == 0) or step == tc.steps
+            log_now = state.step % config.log.every == 0 or state.step == tc.steps
+            checkpoint_now = (every and state.step % every == 0) or state.step == tc.steps
             if log_now or checkpoint_now:
-                window.flush(counters, result, model if log_now else None)
-                counters.update(step=step, schedule=schedule.state_dict())
+                record = window.flush()
+                _account(state, record, result, log)
+                # Gate values gather the blocks' parameters: a collective under FSDP, so every rank asks.
+                gates = gate_values(model) if log_now else None
+                if gates is not None:
+                    extra = {"tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps}
+                    log.log(state.step, {**record.metrics, **extra, "gates": gates})
+                limit = tc.max_nonfinite_in_row
+                if state.nonfinite_in_row >= max(1, limit):
+                    log.close()
+                    raise NonFiniteLossError(
+                        f"{state.nonfinite_in_row} steps in a row had a non-finite loss or gradient norm (last at "
+                        f"step {state.step}; train.max_nonfinite_in_row={limit}); lower train.lr or check the data"
+                    )
+                state.schedule = schedule.state_dict()
             if checkpoint_now:
                 rank_state = {"loader": prefetcher.state_dict()}
-                checkpointer.save(step, model, optimizer, dict(counters), rank_state)
+                checkpointer.save(state.step, model, optimizer, state.state_dict(), rank_state)
     finally:
         prefetcher.close()
 
@@ -246,88 +341,88 @@ def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
         result.export_dir = export_final(model, config, output_dir / "final", dist)
         log.write(f"exported the trained model to {result.export_dir}")
     log.close()
-    result.step = step
-    result.skipped_steps = counters["skipped_steps"]
+    result.step = state.step
+    result.skipped_steps = state.skipped_steps
     return result
 
 
-class StepWindow:
-    """The optimizer steps since the device values were last read: their losses, gradient norms and non-finite
-    flags (device tensors), wall time, time blocked on data, and this rank's tokens."""
+def _account(state: TrainState, record: WindowRecord, result: TrainResult, log: MetricLogger) -> None:
+    """A window's record into the run's state, the result's losses and the console."""
+    result.losses.update(record.losses)
+    for step, loss, grad_norm in record.skipped:
+        log.write(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; step skipped")
+    state.skipped_steps += len(record.skipped)
+    state.nonfinite_in_row = record.nonfinite_in_row
+    state.tokens_seen += record.tokens
+    log.progress(0, {"loss": f"{record.metrics['loss']:.4f}"})
 
-    def __init__(
-        self,
-        config: RunConfig,
-        names: list[str],
-        prefetcher,
-        throughput: Throughput,
-        log,
-        dist,
-        nonfinite_in_row: int,
-    ):
-        self.config, self.names, self.prefetcher = config, names, prefetcher
-        self.throughput, self.log = throughput, log
-        self.nonfinite_in_row = torch.full((1,), float(nonfinite_in_row), device=dist.device)
+
+class StepWindow:
+    """The optimizer steps since the device values were last read (`add`), read in one transfer by `flush`, with
+    the window's wall time, time blocked on data, and tokens."""
+
+    def __init__(self, names: list[str], prefetcher, throughput: Throughput, device, nonfinite_in_row: int):
+        self.names, self.prefetcher, self.throughput = names, prefetcher, throughput
+        # Steps in a row with a non-finite value, counted on the device: (count + flag) * flag per step.
+        self.nonfinite_in_row = torch.full((1,), float(nonfinite_in_row), device=device)
         self._reset()
 
     def _reset(self) -> None:
         self.started = time.perf_counter()
         self.wait_at_start = self.prefetcher.wait_seconds
-        self.local_tokens = 0.0
-        self.steps: list[tuple[int, float, torch.Tensor]] = []
+        self.steps: list[StepStats] = []
+        self.in_row: list[torch.Tensor] = []  # nonfinite_in_row after each step
 
-    def add(self, step, lr, loss, grad_norm, dataset_loss, token_counts, nonfinite) -> None:
-        self.nonfinite_in_row = (self.nonfinite_in_row + nonfinite) * nonfinite
-        values = [
-            loss.reshape(1),
-            grad_norm.double().reshape(1),
-            nonfinite.double().reshape(1),
-            dataset_loss,
-            token_counts,
-        ]
-        self.steps.append((step, lr, torch.cat(values)))
+    def add(self, stats: StepStats) -> None:
+        self.nonfinite_in_row = (self.nonfinite_in_row + stats.nonfinite) * stats.nonfinite
+        self.steps.append(stats)
+        self.in_row.append(self.nonfinite_in_row)
 
-    def flush(self, counters: dict, result: TrainResult, model: torch.nn.Module | None) -> None:
-        """Read the window's values in one transfer, update `counters` and `result.losses`, report skipped steps,
-        log the last step's record when `model` is given (a collective under FSDP: gate values), and stop the run
-        after too many non-finite steps in a row."""
+    def flush(self) -> WindowRecord:
+        """Read the window's values (one transfer, and one all-reduce of the token count) and start a new one."""
+        n = len(self.names)
         rows = torch.stack(
-            [torch.cat([v, self.nonfinite_in_row.double()]) for _, _, v in self.steps]
+            [
+                torch.cat(
+                    [
+                        s.loss.double().reshape(1),
+                        s.grad_norm.double().reshape(1),
+                        s.nonfinite.double().reshape(1),
+                        in_row.double(),
+                        s.dataset_loss.double(),
+                        s.loss_tokens.double(),
+                    ]
+                )
+                for s, in_row in zip(self.steps, self.in_row, strict=True)
+            ]
         ).tolist()
-        tokens = torch.tensor([self.local_tokens], dtype=torch.float64)
+        tokens = torch.tensor([sum(s.local_tokens for s in self.steps)], dtype=torch.float64)
         distributed.all_reduce_sum(tokens)
         seconds = time.perf_counter() - self.started
-        n = len(self.names)
-        for (step, _, _), (loss, grad_norm, nonfinite, *_) in zip(self.steps, rows, strict=True):
-            result.losses[step] = loss
-            if nonfinite:
-                self.log.write(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; step skipped")
-        counters["skipped_steps"] += sum(int(row[2]) for row in rows)
-        counters["nonfinite_in_row"] = int(rows[-1][-1])
-        counters["tokens_seen"] += int(tokens[0])
-        step, lr, _ = self.steps[-1]
-        loss, grad_norm = rows[-1][:2]
-        self.log.progress(0, {"loss": f"{loss:.4f}"})
-        if model is not None:
-            data_seconds = self.prefetcher.wait_seconds - self.wait_at_start
-            record = {
-                "loss": loss,
+        data_seconds = self.prefetcher.wait_seconds - self.wait_at_start
+        values = [
+            dict(zip(("loss", "grad_norm", "nonfinite", "in_row"), row[:4], strict=True)) for row in rows
+        ]
+        last, last_row = self.steps[-1], rows[-1]
+        dataset_loss, loss_tokens = last_row[4 : 4 + n], last_row[4 + n : 4 + 2 * n]
+        record = WindowRecord(
+            losses={s.step: v["loss"] for s, v in zip(self.steps, values, strict=True)},
+            skipped=[
+                (s.step, v["loss"], v["grad_norm"])
+                for s, v in zip(self.steps, values, strict=True)
+                if v["nonfinite"]
+            ],
+            nonfinite_in_row=int(values[-1]["in_row"]),
+            tokens=int(tokens[0]),
+            metrics={
+                "loss": values[-1]["loss"],
                 "dataset_loss": {
-                    name: rows[-1][3 + i] for i, name in enumerate(self.names) if rows[-1][3 + n + i] > 0
+                    name: dataset_loss[i] for i, name in enumerate(self.names) if loss_tokens[i] > 0
                 },
-                "lr": lr,
-                "grad_norm": grad_norm,
+                "lr": last.lr,
+                "grad_norm": values[-1]["grad_norm"],
                 **self.throughput.summary(float(tokens[0]), seconds, data_seconds, len(self.steps)),
-                "tokens_seen": counters["tokens_seen"],
-                "skipped_steps": counters["skipped_steps"],
-                "gates": gate_values(model),
-            }
-            self.log.log(step, record)
-        limit = self.config.train.max_nonfinite_in_row
-        if counters["nonfinite_in_row"] >= max(1, limit):
-            self.log.close()
-            raise NonFiniteLossError(
-                f"{counters['nonfinite_in_row']} steps in a row had a non-finite loss or gradient norm (last at "
-                f"step {step}; train.max_nonfinite_in_row={limit}); lower train.lr or check the data"
-            )
+            },
+        )
         self._reset()
+        return record

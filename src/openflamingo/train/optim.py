@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .config import TrainConfig
 
 
@@ -34,10 +35,10 @@ def lr_scale(name: str, scales: dict[str, float]) -> float:
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError("the model has no trainable parameters")
+        raise InputError("the model has no trainable parameters")
     for prefix in config.lr_scale:
         if not any(is_under(n, prefix) for n, _ in named):
-            raise ValueError(f"train.lr_scale.{prefix}: names no trainable parameter (e.g. {named[0][0]})")
+            raise InputError(f"train.lr_scale.{prefix}: names no trainable parameter (e.g. {named[0][0]})")
     groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
     for name, param in named:
         key = (decays(name, param, config.decay), lr_scale(name, config.lr_scale))

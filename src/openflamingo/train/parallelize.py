@@ -4,14 +4,17 @@ DDP / FSDP2 wrapping. Applied in that order (compile before checkpointing, see p
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..model.flamingo import Flamingo
 from .config import RunConfig
 from .distributed import Distributed, init_single_process_group
+
+logger = logging.getLogger(__name__)
 
 
 def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
@@ -26,7 +29,7 @@ def frozen_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
     if choice == "auto":
         return autocast_dtype(config, device) or torch.float32
     if choice == "bf16" and autocast_dtype(config, device) is None:
-        raise ValueError(
+        raise InputError(
             "precision.frozen_dtype: 'bf16' needs precision.autocast = 'bf16' (or 'auto' on GPUs)"
         )
     return torch.bfloat16 if choice == "bf16" else torch.float32
@@ -127,7 +130,7 @@ def parallel_mode(config: RunConfig, dist: Distributed) -> str:
     if mode == "ddp" and not dist.enabled:
         return "none"
     if mode == "none" and dist.enabled:
-        raise ValueError(f"parallel.mode: 'none' with {dist.world_size} processes; use 'ddp' or 'fsdp'")
+        raise InputError(f"parallel.mode: 'none' with {dist.world_size} processes; use 'ddp' or 'fsdp'")
     return mode
 
 
@@ -141,10 +144,7 @@ def parallelize(model: Flamingo, config: RunConfig, dist: Distributed) -> nn.Mod
             "fsdp": "wraps it with FSDP2 on a one-process group, for its mixed precision; units stay unsharded "
             "through each step (parallel.fsdp_reshard_after_forward applies with several processes)",
         }
-        print(
-            f"parallel.mode: {config.parallel.mode!r} on one process {note[config.parallel.mode]}",
-            file=sys.stderr,
-        )
+        logger.info("parallel.mode: %r on one process %s", config.parallel.mode, note[config.parallel.mode])
     if mode != "fsdp":  # fully_shard moves each rank's shards (and buffers) to the device itself
         model.to(dist.device)
     # Compile inside the checkpoint wrappers: torch.compile accepts no context_fn around a compiled region, so the

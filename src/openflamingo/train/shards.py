@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..backbones import cache_dir
-from .config import DataConfig, DatasetConfig
-from .data import rank_batch_size
+from ..errors import InputError
+from .config import DataConfig, DatasetConfig, rank_batch_size
 
 OPTIONS = {"num_workers": 1, "shuffle_buffer": 1000, "shots": 4, "row_tokens": None}
 
@@ -52,7 +52,7 @@ class StepIterator:
 
 def shard_paths(name: str, dataset: DatasetConfig, options: dict[str, Any]) -> str | list[str]:
     if not dataset.path:
-        raise ValueError(f"datasets.{name}.path: the shards loader needs shard paths or easy-vqa:LAYOUT")
+        raise InputError(f"datasets.{name}.path: the shards loader needs shard paths or easy-vqa:LAYOUT")
     if dataset.path.startswith("easy-vqa:"):
         from ..data.convert import easy_vqa_shards
 
@@ -72,7 +72,7 @@ def build_shard_loader(
     for name, dataset in datasets.items():
         unknown = sorted(set(dataset.options) - set(OPTIONS))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"datasets.{name}.options.{unknown[0]}: unknown option; known: {', '.join(OPTIONS)}"
             )
         options = {**OPTIONS, **dataset.options}
@@ -113,12 +113,12 @@ def open_feature_cache(configs: dict, model, rank: int, limits, feature_dtype: s
 
     encoder = model.vision_encoder
     if any(p.requires_grad for p in encoder.parameters()):
-        raise ValueError(
+        raise InputError(
             "data.feature_cache: the vision encoder is trained in this run, so its output changes and cannot be "
             "cached; switch off model.train_vision_encoder or data.feature_cache"
         )
     if any(type(p).__name__ == "DTensor" for p in encoder.parameters()):
-        raise ValueError(
+        raise InputError(
             'data.feature_cache: the vision encoder is sharded (parallel.mode = "fsdp"); use "ddp" with the cache'
         )
     urls = sorted({url for config in configs.values() for url in expand_shards(config.shards)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...errors import ExistingFileError, InputError, MissingFileError
 from .annotations import VQA_PROMPT, caption_samples, nlvr2_samples, vqa_samples
 from .common import ConversionReport, write_samples
 from .easy_vqa import easy_vqa_samples, easy_vqa_shards
@@ -42,23 +43,23 @@ def convert(
 ) -> ConversionReport:
     """Write shards of `source_format` data from `inputs` into the folder `out`; returns what was written/skipped."""
     if source_format not in FORMATS:
-        raise ValueError(f"unknown source format {source_format!r}; expected one of {', '.join(FORMATS)}")
+        raise InputError(f"unknown source format {source_format!r}; expected one of {', '.join(FORMATS)}")
     out = Path(out)
     if out.is_dir() and any(out.glob("*.tar")):
-        raise FileExistsError(f"{out} already holds shards; choose an empty or new folder")
+        raise ExistingFileError(f"{out} already holds shards; choose an empty or new folder")
     images_dir = Path(images) if images is not None else None
     if images_dir is not None and not images_dir.is_dir():
-        raise FileNotFoundError(f"image folder {images_dir} does not exist")
+        raise MissingFileError(f"image folder {images_dir} does not exist")
     if source_format == "easy-vqa":
         if inputs:
-            raise ValueError("easy-vqa reads the installed easy-vqa package; give no input files")
+            raise InputError("easy-vqa reads the installed easy-vqa package; give no input files")
     elif not inputs:
-        raise ValueError(f"--from {source_format} needs at least one input")
+        raise InputError(f"--from {source_format} needs at least one input")
     paths = [Path(p) for p in inputs]
     if source_format not in ("img2dataset", "easy-vqa"):
         for path in paths:
             if not path.is_file():
-                raise FileNotFoundError(f"input file {path} does not exist")
+                raise MissingFileError(f"input file {path} does not exist")
     report = ConversionReport()
     if source_format == "img2dataset":
         samples = (s for source in inputs for s in img2dataset_samples(source, report))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import InputError, MissingDependencyError
 from ..samples import Conversation, ImageItem, ImageTextPair, InterleavedDocument, TextItem, Turn
 from .annotations import VQA_PROMPT, vqa_items
 from .common import ConversionReport, image_file, write_samples
@@ -40,7 +41,7 @@ def _load(split: str):
     try:
         import easy_vqa
     except ImportError:
-        raise ImportError("easy-VQA data needs its package: pip install easy-vqa==1.0") from None
+        raise MissingDependencyError("easy-VQA data needs its package: pip install easy-vqa==1.0") from None
     if split == "train":
         questions, answers, image_ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
@@ -48,7 +49,7 @@ def _load(split: str):
         questions, answers, image_ids = easy_vqa.get_test_questions()
         paths = easy_vqa.get_test_image_paths()
     else:
-        raise ValueError(f"easy-VQA split must be 'train' or 'test', got {split!r}")
+        raise InputError(f"easy-VQA split must be 'train' or 'test', got {split!r}")
     colours = sorted(set(easy_vqa.get_answers()) - set(SHAPES) - {"yes", "no"})
     return list(zip(questions, answers, image_ids, strict=True)), paths, colours
 
@@ -81,7 +82,7 @@ def nonsense_names(split: str) -> list[str]:
         return ordered[:400]
     if split == "test":
         return ordered[400:]
-    raise ValueError(f"binding names: split must be 'train' or 'test', got {split!r}")
+    raise InputError(f"binding names: split must be 'train' or 'test', got {split!r}")
 
 
 def balanced_yes_no(records, colours: list[str], seed: int) -> list[int]:
@@ -184,7 +185,7 @@ def easy_vqa_samples(
     prompt: str = VQA_PROMPT,
 ) -> Iterator:
     if layout not in LAYOUTS:
-        raise ValueError(f"easy-VQA layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        raise InputError(f"easy-VQA layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     records, paths, colours = _load(split)
     images: dict[int, ImageItem] = {}
 
@@ -211,7 +212,7 @@ def easy_vqa_samples(
         yield from _binding_documents(image, _by_shape(_captions(records, colours)), len(paths), split, seed)
         return
     if shots < 1:
-        raise ValueError(f"{layout} samples need shots >= 1, got {shots}")
+        raise InputError(f"{layout} samples need shots >= 1, got {shots}")
     if layout == "chat":
         yield from _conversations(records, image, shots, seed)
         return

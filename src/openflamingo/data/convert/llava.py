@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from ...errors import InputError
 from ..samples import BAD_ROLE, INVALID_JSON, MISSING_FIELD, NO_IMAGE, BadSample, Conversation, Turn
 from .common import ConversionReport, image_file, read_jsonl
 
@@ -27,7 +28,7 @@ def _records(path: Path) -> Iterator[tuple[str, dict | None]]:
         try:
             records = json.loads(path.read_text(encoding="utf-8", errors="replace"))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
+            raise InputError(f"{path}: not valid JSON ({error})") from None
         for index, record in enumerate(records):
             yield f"{path}[{index}]", record if isinstance(record, dict) else None
     else:

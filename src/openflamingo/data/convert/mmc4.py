@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import MissingDependencyError
 from ..samples import IMAGE_COUNT_MISMATCH, MISSING_FIELD, NO_IMAGE, BadSample, ImageItem, TextItem
 from .common import ConversionReport, image_base64, image_file, read_jsonl, split_by_images
 
@@ -29,7 +30,9 @@ def assign_images_to_sentences(similarity: np.ndarray, threshold: float) -> dict
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError:
-        raise ImportError("MMC4 conversion needs scipy for the assignment: pip install scipy") from None
+        raise MissingDependencyError(
+            "MMC4 conversion needs scipy for the assignment: pip install scipy"
+        ) from None
     images, sentences = linear_sum_assignment(similarity, maximize=True)
     return {int(i): int(s) for i, s in zip(images, sentences, strict=True) if similarity[i, s] >= threshold}
 

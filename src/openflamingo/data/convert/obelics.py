@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from ...errors import InputError, MissingDependencyError, MissingFileError
 from ..samples import MISSING_FIELD, BadSample, ImageItem, TextItem
 from .common import MISSING_IMAGE, ConversionReport, image_file, image_item, split_by_images
 
@@ -51,14 +52,14 @@ def obelics_samples(
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from None
+        raise MissingDependencyError("reading parquet needs pyarrow: pip install pyarrow") from None
     for file_index, path in enumerate(paths):
         if not path.is_file():
-            raise FileNotFoundError(f"parquet file {path} does not exist")
+            raise MissingFileError(f"parquet file {path} does not exist")
         parquet = pq.ParquetFile(path)
         missing = {"texts", "images"} - set(parquet.schema_arrow.names)
         if missing:
-            raise ValueError(f"{path}: no column {sorted(missing)} (OBELICS rows need 'texts' and 'images')")
+            raise InputError(f"{path}: no column {sorted(missing)} (OBELICS rows need 'texts' and 'images')")
         row_number = 0
         for batch in parquet.iter_batches(batch_size=64, columns=["texts", "images"]):
             for row in batch.to_pylist():

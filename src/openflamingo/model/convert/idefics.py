@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ...errors import ExistingFileError
 from ..config import FlamingoConfig
 from ..cross_attention import CrossAttentionConfig
 from ..language import SpecialTokens
@@ -448,7 +449,7 @@ def convert_idefics(
 
     source, out = Path(source), Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        raise ExistingFileError(f"{out} exists; pass --overwrite to replace it")
     report = IdeficsReport(source=str(source))
     config = read_idefics_config(source, report)
     tokenizer = load_tokenizer(source)

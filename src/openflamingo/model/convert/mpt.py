@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...errors import ExistingFileError, InputError, MissingFileError
 from ..files import atomic_directory
 from ..skeleton import parameters_on_meta
 
@@ -89,7 +90,7 @@ class MptConversionReport:
 def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     return json.loads(path.read_text())
 
 
@@ -104,7 +105,7 @@ def is_remote_code_mpt(directory: str | Path) -> bool:
 
 def _require(config_path: Path, name: str, value, allowed, why: str) -> None:
     if value not in allowed:
-        raise ValueError(f"{config_path}: {name} = {value!r} is not supported ({why})")
+        raise InputError(f"{config_path}: {name} = {value!r} is not supported ({why})")
 
 
 def _attention(config_path: Path, attn: dict, n_heads: int, report: MptConversionReport, prefix: str) -> dict:
@@ -123,7 +124,7 @@ def _attention(config_path: Path, attn: dict, n_heads: int, report: MptConversio
     }
     unknown = sorted(set(attn) - known)
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{config_path}: unknown attention option(s) {', '.join(prefix + k for k in unknown)}"
         )
     _require(
@@ -154,7 +155,7 @@ def _attention(config_path: Path, attn: dict, n_heads: int, report: MptConversio
     clip_qkv, qk_ln = attn.get("clip_qkv"), bool(attn.get("qk_ln", False))
     if clip_qkv is not None and qk_ln:
         # MosaicML clips before the QK LayerNorm; the LayerNorm here runs inside the QKV projection, before the clip
-        raise ValueError(
+        raise InputError(
             f"{config_path}: clip_qkv together with qk_ln is not supported (the order would differ)"
         )
     # all attn_impl variants (torch, triton, flash) compute the same attention; transformers runs it in torch
@@ -208,7 +209,7 @@ def map_config(raw: dict, config_path: Path) -> tuple[dict, MptConversionReport]
             set(raw) - model_fields - attn_fields - set(renamed_attn) - _INIT_FIELDS - _METADATA_FIELDS
         )
         if unknown:
-            raise ValueError(f"{config_path}: unknown MosaicGPT config field(s) {', '.join(unknown)}")
+            raise InputError(f"{config_path}: unknown MosaicGPT config field(s) {', '.join(unknown)}")
         attn = {k: raw[k] for k in attn_fields if k in raw}
         attn.update({new: raw[old] for old, new in renamed_attn.items() if old in raw})
         expansion, norm_type = (
@@ -219,7 +220,7 @@ def map_config(raw: dict, config_path: Path) -> tuple[dict, MptConversionReport]
         # MosaicGPT's ALiBi slopes are 2^(-8 i / n_heads); transformers (and later MPT) round n_heads up to a power
         # of two and interleave, which is the same only when n_heads is a power of two
         if n_heads & (n_heads - 1):
-            raise ValueError(
+            raise InputError(
                 f"{config_path}: n_heads = {n_heads} is not a power of two (MosaicGPT's ALiBi slopes differ)"
             )
         attention = _attention(config_path, attn, n_heads, report, prefix="")
@@ -245,7 +246,7 @@ def map_config(raw: dict, config_path: Path) -> tuple[dict, MptConversionReport]
         }
         unknown = sorted(set(raw) - model_fields - _INIT_FIELDS - _METADATA_FIELDS)
         if unknown:
-            raise ValueError(f"{config_path}: unknown MPT config field(s) {', '.join(unknown)}")
+            raise InputError(f"{config_path}: unknown MPT config field(s) {', '.join(unknown)}")
         _require(config_path, "fc_type", raw.get("fc_type", "torch"), ["torch"], "plain linear layers only")
         ffn = raw.get("ffn_config", {"ffn_type": "mptmlp"})
         _require(config_path, "ffn_config.ffn_type", ffn.get("ffn_type"), ["mptmlp"], "the GELU MLP only")
@@ -259,7 +260,7 @@ def map_config(raw: dict, config_path: Path) -> tuple[dict, MptConversionReport]
             config_path, raw.get("attn_config", {}), n_heads, report, prefix="attn_config."
         )
     else:
-        raise ValueError(
+        raise InputError(
             f"{config_path}: model_type = {report.source_format!r}; expected 'mosaic_gpt' or 'mpt' (remote code)"
         )
 
@@ -352,7 +353,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     weights_only=True, so no pickled code runs)."""
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model*.bin weight files")
+        raise MissingFileError(f"{directory}: no *.safetensors or pytorch_model*.bin weight files")
     state: dict[str, torch.Tensor] = {}
     for path in files:
         if path.suffix == ".safetensors":
@@ -363,12 +364,12 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
             try:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as error:  # torch raises several types for non-weights pickles
-                raise ValueError(
+                raise InputError(
                     f"{path}: cannot be read as a weights-only checkpoint ({error.__class__.__name__})"
                 ) from None
         duplicated = sorted(set(part) & set(state))
         if duplicated:
-            raise ValueError(f"{path}: key(s) already in another weight file: {', '.join(duplicated[:5])}")
+            raise InputError(f"{path}: key(s) already in another weight file: {', '.join(duplicated[:5])}")
         state.update(part)
     return state
 
@@ -390,16 +391,16 @@ def convert_weights(
             unknown.append(key)
             continue
         if target in out:
-            raise ValueError(f"{source}: two tensors map to {target}")
+            raise InputError(f"{source}: two tensors map to {target}")
         if tuple(tensor.shape) != expected[target]:
-            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}; expected {expected[target]}")
+            raise InputError(f"{source}: {key} has shape {tuple(tensor.shape)}; expected {expected[target]}")
         out[target] = tensor
         renamed += target != key
     if unknown:
-        raise ValueError(f"{source}: {len(unknown)} unknown weight(s): {', '.join(sorted(unknown)[:10])}")
+        raise InputError(f"{source}: {len(unknown)} unknown weight(s): {', '.join(sorted(unknown)[:10])}")
     missing = sorted(set(expected) - set(out))
     if missing:
-        raise ValueError(f"{source}: {len(missing)} missing weight(s): {', '.join(missing[:10])}")
+        raise InputError(f"{source}: {len(missing)} missing weight(s): {', '.join(missing[:10])}")
     return out, renamed
 
 
@@ -416,7 +417,7 @@ def convert_mosaic_gpt(
     # the dtype the tensors are stored in (transformers 5 loads in it): the released configs do not always say it
     config["torch_dtype"] = str(weights["transformer.wte.weight"].dtype).removeprefix("torch.")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        raise ExistingFileError(f"{out} exists; pass --overwrite to replace it")
     with atomic_directory(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(
@@ -455,7 +456,7 @@ def add_qk_layernorm(lm: nn.Module) -> None:
     for block in lm.transformer.blocks:
         attn = block.attn
         if hasattr(attn, "q_ln"):
-            raise ValueError("the language model already has QK LayerNorm")
+            raise InputError("the language model already has QK LayerNorm")
         for name in ("q_ln", "k_ln"):
             norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=False)
             attn.add_module(name, norm.to(attn.Wqkv.weight.device, attn.Wqkv.weight.dtype))
@@ -476,12 +477,12 @@ def load_mpt_with_qk_layernorm(directory: Path):
     missing = sorted(set(own) - set(state) - tied)
     unknown = sorted(set(state) - set(own))
     if missing or unknown:
-        raise ValueError(
+        raise InputError(
             f"{directory}: weights do not match the QK-LayerNorm MPT: missing {missing[:5]}, unknown {unknown[:5]}"
         )
     for key, tensor in state.items():
         if own[key].shape != tensor.shape:
-            raise ValueError(
+            raise InputError(
                 f"{directory}: {key} has shape {tuple(tensor.shape)}; expected {tuple(own[key].shape)}"
             )
     lm.load_state_dict(state, strict=False, assign=True)

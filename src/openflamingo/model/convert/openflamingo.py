@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ...errors import InputError, MissingFileError
 from ..build import build_flamingo
 from ..config import FlamingoConfig
 from ..cross_attention import CrossAttentionConfig
@@ -55,7 +56,7 @@ def infer_open_flamingo_hparams(
     """Perceiver and cross-attention sizes from tensor shapes (head count is not visible in shapes: OpenFlamingo
     uses 8 everywhere)."""
     if "perceiver.latents" not in state:
-        raise ValueError("not an OpenFlamingo state dict: no 'perceiver.latents'")
+        raise InputError("not an OpenFlamingo state dict: no 'perceiver.latents'")
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"perceiver\.layers\.(\d+)\.", k)))
     inner = state["perceiver.layers.0.0.to_q.weight"].shape[0]
     ff_inner = state["perceiver.layers.0.1.1.weight"].shape[0]
@@ -72,10 +73,10 @@ def infer_open_flamingo_hparams(
             {int(m.group(1)) for k in state if (m := re.search(r"gated_cross_attn_layers\.(\d+)\.", k))}
         )
     if not blocks:
-        raise ValueError("no gated cross-attention blocks found in the state dict")
+        raise InputError("no gated cross-attention blocks found in the state dict")
     every = blocks[0] + 1
     if blocks != list(range(every - 1, blocks[-1] + 1, every)):
-        raise ValueError(f"cross-attention blocks at layers {blocks} do not follow an every-n-layers pattern")
+        raise InputError(f"cross-attention blocks at layers {blocks} do not follow an every-n-layers pattern")
     key = next(
         k
         for k in state
@@ -98,7 +99,7 @@ class _Mapping:
     def put(self, target: str, tensor: torch.Tensor, source: str, group: str) -> None:
         if target in self.out:
             if not torch.equal(self.out[target], tensor):
-                raise ValueError(
+                raise InputError(
                     f"{source} and {self.report.sources[target]} both map to {target} but differ"
                 )
             self.report.aliases += 1
@@ -172,11 +173,11 @@ def convert_open_flamingo_state_dict(
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{len(unknown)} unknown OpenFlamingo key(s): {', '.join(sorted(unknown)[:10])}")
+        raise InputError(f"{len(unknown)} unknown OpenFlamingo key(s): {', '.join(sorted(unknown)[:10])}")
 
     if vision_state:
         if model.config.vision.kind != "open_clip":
-            raise ValueError(
+            raise InputError(
                 f"state dict holds an open_clip vision tower but the model's encoder is {model.config.vision.kind!r}"
             )
         converted, dropped = convert_open_clip_vision_state_dict(vision_state, model.config.vision.config)
@@ -220,7 +221,7 @@ def _split_embedding(mapping, rest, tensor, key, embed_key, head_key, model, lm_
     """OpenFlamingo resized the LM vocabulary; our LM keeps its matrices and Flamingo's rows live in added_tokens."""
     first, n_added = model.special_ids.first_added, model.special_ids.num_added
     if tensor.shape[0] != first + n_added:
-        raise ValueError(
+        raise InputError(
             f"{key} has {tensor.shape[0]} rows; expected {first + n_added} (tokenizer vocabulary)"
         )
     tied = model.added_tokens.tied
@@ -251,10 +252,10 @@ def _check_coverage(
     own = model.state_dict()
     extra = sorted(set(out) - set(own))
     if extra:
-        raise ValueError(f"converted keys unknown to the model: {', '.join(extra[:10])}")
+        raise InputError(f"converted keys unknown to the model: {', '.join(extra[:10])}")
     for key, tensor in out.items():
         if tensor.shape != own[key].shape:
-            raise ValueError(
+            raise InputError(
                 f"{report.sources[key]} has shape {tuple(tensor.shape)}; {key} needs {tuple(own[key].shape)}"
             )
     required = [k for k in own if k.startswith(("perceiver.", "cross_attn_blocks.", "added_tokens.input"))]
@@ -274,7 +275,7 @@ def _check_coverage(
             "language model and vision encoder weights (released format holds neither)"
         )
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{len(missing)} model key(s) have no source in the checkpoint: {', '.join(missing[:10])}"
         )
 
@@ -301,7 +302,7 @@ def read_open_flamingo_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     checkpoints ({"model_state_dict": ...}) and DDP's "module." prefix are unwrapped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise MissingFileError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -310,13 +311,13 @@ def read_open_flamingo_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises several types for non-weights pickles
-            raise ValueError(
+            raise InputError(
                 f"{path}: cannot be read as a weights-only checkpoint ({error.__class__.__name__})"
             ) from None
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a mapping of tensor names to tensors")
+        raise InputError(f"{path}: expected a mapping of tensor names to tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
