@@ -40,15 +40,15 @@ browser:
 
 test: install $(COMPAT_VENV)/.installed browser
 	$(BIN)/python -m pytest -q
-	# the real-backbone reproducibility runs (minutes) and the chat page in Chromium run once, in the main venv: they
-	# test our kernels and our page, not the LM's API
+	# the real-backbone reproducibility runs (minutes), the chat page in Chromium and the documentation's blocks run
+	# once, in the main venv: they test our kernels, our page and our commands, not the LM's API
 	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --ignore tests/test_reproducible.py \
-		--ignore tests/test_serve_page.py
+		--ignore tests/test_serve_page.py --ignore tests/test_docs.py
 
 demo: install
 	$(BIN)/openflamingo train
 
-# Fine-tunes the demo's model into a chat model (LoRA + chat template); needs `make demo` first (README, Fine-tuning).
+# Fine-tunes the demo's model into a chat model (LoRA + chat template); needs `make demo` first (docs/fine-tuning.md).
 finetune-demo: install
 	$(BIN)/openflamingo train --config configs/finetune-demo.toml
 

@@ -42,7 +42,8 @@ GATES_AND_NORMS = (
     "ff.norm.weight",
     "ff.norm.bias",
 )
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+FINE_TUNING = ROOT / "docs" / "fine-tuning.md"
 
 
 def with_lora(tokenizer_dir, lora: LoraSettings):
@@ -290,12 +291,12 @@ def test_an_idefics_conversion_fine_tuned_with_lora_on_lm_and_blocks_exports_mer
     )
 
 
-def test_the_readme_lora_example_fits_the_demo_model_it_starts_from():
-    """The README's fine-tuning example (init_from = runs/demo/final) names layers the demo's blocks have."""
-    examples = re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S)
+def test_the_documented_lora_example_fits_the_demo_model_it_starts_from():
+    """docs/fine-tuning.md's example (init_from = runs/demo/final) names layers the demo's blocks have."""
+    examples = re.findall(r"```toml\n(.*?)```", FINE_TUNING.read_text(), flags=re.S)
     tables = [tomllib.loads(e)["model"]["lora"] for e in examples if "cross_attention_modules" in e]
     assert tables
-    demo = tomllib.loads((README.parent / "configs" / "demo.toml").read_text())["model"]["cross_attention"]
+    demo = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())["model"]["cross_attention"]
     for table in tables:
         settings = from_dict(LoraSettings, table, "lora")
         blocks = nn.ModuleDict({"0": GatedCrossAttentionBlock(16, 8, CrossAttentionConfig(**demo))})

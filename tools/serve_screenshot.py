@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The README's picture of the chat page, taken by the page test's own harness from the real page.
+"""The picture of the chat page in docs/serving.md, taken by the page test's own harness from the real page.
 
     .venv/bin/python tools/serve_screenshot.py [--checkpoint runs/demo/final] [--out docs/serve-chat.png]
 

@@ -87,8 +87,9 @@ class TrainConfig:
     seed: int = 0
     max_nonfinite_in_row: int = 5  # NaN/inf steps are skipped; this many in a row stop the run
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
-    # torch.use_deterministic_algorithms for the run: reruns and resumes give bitwise-identical results (README,
-    # "Reproducibility"). Unset: on for CPUs (costs little there), off for GPUs (deterministic kernels are slower).
+    # torch.use_deterministic_algorithms for the run: reruns and resumes give bitwise-identical results
+    # (docs/reproducibility.md). Unset: on for CPUs (costs little there), off for GPUs (deterministic kernels are
+    # slower).
     deterministic: bool | None = None
     output_dir: str = "runs/default"
 
@@ -337,7 +338,9 @@ def parse_value(text: str, tp: Any, key: str) -> Any:
         return None
     if inner is str:
         return text
-    if typing.get_origin(inner) is Literal and all(isinstance(choice, str) for choice in typing.get_args(inner)):
+    if typing.get_origin(inner) is Literal and all(
+        isinstance(choice, str) for choice in typing.get_args(inner)
+    ):
         return coerce(text, tp, key)  # a choice is a bare word on the command line
     try:
         value = tomllib.loads(f"v = {text}")["v"]
