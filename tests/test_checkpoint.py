@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
+from helpers.model import TEXTS, batch, tiny_config
 from safetensors.torch import load_file, save_file
-from test_model import TEXTS, batch, tiny_config
 from tiny import TINY_CLIP
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
 

@@ -1,8 +1,8 @@
 """The README's promises, end to end: packaged backbones build a working model offline; `openflamingo generate`."""
 
 import torch
+from helpers.model import tiny_config
 from PIL import Image
-from test_model import tiny_config
 
 from openflamingo import (
     CrossAttentionConfig,

@@ -1,10 +1,9 @@
 """Conversation data: prompt formats, answer-only labels, the LLaVA converter."""
 
-import io
 import json
 
 import pytest
-from PIL import Image
+from helpers.data import CHATML, _png
 from transformers import AutoTokenizer
 
 from openflamingo.data.convert import convert
@@ -13,11 +12,6 @@ from openflamingo.data.shards import read_shard
 from openflamingo.data.text import IGNORE_INDEX, FormatConfig, SampleFormatter
 from openflamingo.model.prompt_format import Message, PromptFormat
 
-# A ChatML template, as SmolLM2-Instruct's (without its default system prompt).
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 TWO_TURNS = [
     Message("user", "<image>What colour is it?"),
     Message("assistant", "It is red."),
@@ -126,12 +120,6 @@ def test_answer_only_labels_in_the_chat_format(chat_tokenizer):
         "<|im_start|>"
     )  # the template's own start
     assert tokens.input_ids.count(formatter.media_id) == tokens.num_images == 2
-
-
-def _png(colour) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), colour).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def test_llava_records_convert_and_bad_ones_are_counted_by_reason(tmp_path):

@@ -8,14 +8,10 @@ import json
 
 import pytest
 import torch
+from helpers.idefics import hub_directory, pixels, prompts
 from idefics_reference import (
-    build_idefics,
-    idefics_config,
-    make_idefics_tokenizer,
-    make_prompt,
     reference_generate,
     reference_logits,
-    save_hub_layout,
 )
 
 import openflamingo
@@ -32,16 +28,6 @@ CASES = {
 }
 
 
-def hub_directory(root, seed: int = 0, layout: str = "nested", pickle: bool = False, **options):
-    tokenizer = make_idefics_tokenizer(root / "tokenizer-src")
-    reference = build_idefics(idefics_config(tokenizer, **options), seed=seed)
-    return (
-        reference,
-        tokenizer,
-        save_hub_layout(reference, tokenizer, root / "idefics", layout=layout, pickle=pickle),
-    )
-
-
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
 def converted(request, tmp_path_factory):
     options = dict(CASES[request.param])
@@ -49,23 +35,6 @@ def converted(request, tmp_path_factory):
     reference, tokenizer, source = hub_directory(root, **options)
     convert_idefics(source, root / "out")
     return reference, tokenizer, openflamingo.load(root / "out").eval()
-
-
-def prompts(tokenizer):
-    """Two samples with two images each: text before the first image, and an EOS between images (after which, in
-    IDEFICS, text sees no image until the next one)."""
-    image = object()
-    return make_prompt(
-        tokenizer,
-        [
-            ["a photo of", image, "a cat on a mat. and", image, "a dog"],
-            [image, "two birds", tokenizer.eos_token, "then", image, "what is this? it is"],
-        ],
-    )
-
-
-def pixels(batch: int, images: int, size: int = 28) -> torch.Tensor:
-    return torch.randn(batch, images, 3, size, size, generator=torch.Generator().manual_seed(7))
 
 
 def test_logits_equal_transformers_idefics(converted):
@@ -132,10 +101,10 @@ def test_pickled_weights_are_refused(tmp_path):
 def test_a_converted_idefics_fine_tunes_with_lora_and_serves_what_generate_answers(tmp_path):
     """convert idefics -> `openflamingo train` (init_from + LoRA on the LM, LLaVA conversations) -> load -> serve."""
     import httpx
+    from helpers.data import _png
+    from helpers.serve import generate
+    from helpers.train import config_of, tiny_run
     from serving import image_part, running_server, settings
-    from test_conversations import _png
-    from test_serve_api import generate
-    from test_train import config_of, tiny_run
 
     from openflamingo.data.convert import convert
     from openflamingo.train import train

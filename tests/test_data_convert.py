@@ -5,15 +5,22 @@ from __future__ import annotations
 import base64
 import collections
 import csv
-import io
 import itertools
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_helpers import FIXTURES, cli, image_bytes, preprocess
+from helpers.data import (
+    ALLENNLP,
+    PHOTOS,
+    SKIMAGE,
+    cli,
+    image_bytes,
+    img2dataset_shard,
+    mmc4_line,
+    preprocess,
+)
 from transformers import AutoTokenizer
 
 from openflamingo.data import DatasetConfig, ImageItem, ShardLoader, TextItem, read_shard, sample_from_members
@@ -22,12 +29,6 @@ from openflamingo.data.convert.easy_vqa import SHAPES, easy_vqa_samples, easy_vq
 from openflamingo.data.convert.mmc4 import assign_images_to_sentences
 
 pytestmark = pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
-SKIMAGE = FIXTURES / "skimage-clip-captions"
-ALLENNLP = FIXTURES / "allennlp-vl-fixtures"
-PHOTOS = {
-    name: (SKIMAGE / "images" / name).read_bytes()
-    for name in ("horse.png", "page.png", "moon.png", "rocket.jpg")
-}
 
 
 def read_samples(directory: Path) -> list:
@@ -123,17 +124,6 @@ def test_hungarian_assignment_is_one_to_one_where_argmax_is_not():
     assert assign_images_to_sentences(similarity, 0.32) == {1: 1}
 
 
-def mmc4_line(images: list[dict], sentences: list[str], similarity: list[list[float]]) -> str:
-    return json.dumps(
-        {
-            "url": "https://example.org/page",
-            "text_list": sentences,
-            "image_info": images,
-            "similarity_matrix": similarity,
-        }
-    )
-
-
 def test_mmc4_places_images_by_assignment_in_token_order_and_splits_surplus_images(tmp_path, capsys):
     sentences = ["A horse page.", "It runs.", "A printed page.", "The end."]
     # image_info lists the page first, but the horse's sentence comes first: the document follows the sentences
@@ -203,26 +193,6 @@ def test_obelics_parquet_rows_become_documents(tmp_path, capsys):
         "A horse.",
     ]
     assert documents[1].images[0].data == PHOTOS["rocket.jpg"]
-
-
-def img2dataset_shard(path: Path, start: int) -> None:
-    """Laid out as img2dataset writes webdataset output: KEY.jpg, KEY.txt, KEY.json per sample."""
-    photo = (ALLENNLP / "images/flickr30k/4945942737.jpg").read_bytes()
-    with tarfile.open(path, "w") as archive:
-        for i in range(start, start + 3):
-            meta = {
-                "url": f"https://example.org/{i}.jpg",
-                "caption": f"a girl by the water {i}",
-                "status": "success",
-            }
-            for extension, data in (
-                ("jpg", photo),
-                ("txt", meta["caption"].encode()),
-                ("json", json.dumps(meta).encode()),
-            ):
-                info = tarfile.TarInfo(f"{i:09d}.{extension}")
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
 
 
 def test_img2dataset_output_is_read_directly_and_converts(tmp_path, capsys, tokenizer_dir):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_helpers import mixed_shards, preprocess
+from helpers.data import mixed_shards, preprocess
 from transformers import AutoTokenizer
 
 from openflamingo.data import DatasetConfig, FormatConfig, MixedLoader, PackingConfig, ShardLoader

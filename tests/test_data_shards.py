@@ -9,8 +9,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from helpers.data import cli, document, image_bytes, pair, preprocess, write_shards
 from PIL import Image
-from test_data_helpers import cli, document, image_bytes, pair, preprocess, write_shards
 from transformers import AutoTokenizer
 
 from openflamingo.data import (

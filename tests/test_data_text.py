@@ -6,8 +6,8 @@ import inspect
 
 import pytest
 import torch
-from test_data_helpers import image_bytes
-from test_model import tiny_config
+from helpers.data import image_bytes
+from helpers.model import tiny_config
 from tokenizers import processors
 from transformers import AutoTokenizer
 

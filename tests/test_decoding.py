@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model import batch, tiny_config
+from helpers.model import batch, tiny_config
 from transformers import CompileConfig
 
 from openflamingo import build_flamingo
@@ -141,7 +141,7 @@ def test_nothing_outside_the_model_package_touches_the_hooks_state():
 
 def test_the_server_prefilling_in_chunks_answers_as_in_one_piece(model, monkeypatch):
     """The engine's chunked prefill carries the media state (IDEFICS: the end of sequence between images too)."""
-    from test_serve_engine import Answers
+    from helpers.serve import Answers
 
     from openflamingo.serve import engine as engine_module
     from openflamingo.serve.sampling import Sampling

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_eval_runs import VQA_FILES, cli, tiny_model
-from test_train import config_of, tiny_run
+from helpers.eval import VQA_FILES, cli
+from helpers.model import META, ReachedModel, assert_on, tensors, tiny_model
+from helpers.train import config_of, tiny_run
 
 import openflamingo.cli as main_cli
 import openflamingo.model.checkpoint as checkpoint_module
@@ -15,30 +16,6 @@ from openflamingo.model.inputs import to_device
 from openflamingo.train import distributed, train
 from openflamingo.train.data import SyntheticLoader
 from openflamingo.train.prefetch import DevicePrefetcher
-
-META = torch.device("meta")
-
-
-class ReachedModel(BaseException):
-    """Raised by the checks once the model got its inputs, all on the right device: nothing more to run. (Not an
-    Exception: nothing on the way may swallow it, e.g. the FLOP count that must never stop a run.)"""
-
-
-def tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from tensors(v)
-
-
-def assert_on(device: torch.device, where: str, *values) -> None:
-    for tensor in tensors(values):
-        assert tensor.device == device, f"{where}: a {tuple(tensor.shape)} tensor is on {tensor.device}"
-    raise ReachedModel(where)
 
 
 def install_device_checks(model, device: torch.device, input_check: bool = True) -> None:
@@ -153,8 +130,8 @@ def test_prefetcher_raises_the_loader_error_in_the_training_loop(tokenizer_dir, 
 @pytest.mark.parametrize("images", [1, 0], ids=["with-images", "text-only"])
 def test_serving_engine_sends_requests_to_the_model_device(tokenizer_dir, images):
     """A request's prompt and images are prepared on the CPU; the engine's prefill must move them."""
+    from helpers.serve import conversation, job
     from serving import tiny_model as serving_model
-    from test_serve_engine import conversation, job
 
     from openflamingo.serve.engine import Engine
 
@@ -171,7 +148,7 @@ def test_serving_engine_sends_requests_to_the_model_device(tokenizer_dir, images
 
 def test_conversation_scoring_sends_inputs_to_the_model_device(tokenizer_dir):
     """The fine-tuning demo's before/after scoring (eval/conversations.py)."""
-    from test_conversations import _png
+    from helpers.data import _png
 
     from openflamingo.data.samples import Conversation, ImageItem, Turn
     from openflamingo.eval.conversations import evaluate_conversations

@@ -442,7 +442,7 @@ def convert_inputs(work: Path, resources: Resources) -> None:
     """A few samples in each public format, under the names the block uses (from tests/fixtures/data)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from test_data_convert import ALLENNLP, PHOTOS, SKIMAGE, img2dataset_shard, mmc4_line
+    from helpers.data import ALLENNLP, PHOTOS, SKIMAGE, img2dataset_shard, mmc4_line
 
     link(work, "captions.jsonl", SKIMAGE / "captions.jsonl")
     link(work, "photos", SKIMAGE)  # its image paths are images/NAME
@@ -470,7 +470,7 @@ def convert_inputs(work: Path, resources: Resources) -> None:
 def loader_inputs(work: Path, resources: Resources) -> None:
     """laion/00000..00999.tar (4 pairs each) and mmc4/shard-000000..000099.tar (4 documents of 50-150 tokens: a
     packed row holds a few), as hard links of one small shard each, and the tiny model."""
-    from test_data_helpers import image_bytes, pair, write_shards
+    from helpers.data import image_bytes, pair, write_shards
 
     from openflamingo.data import ImageItem, InterleavedDocument, TextItem
 
@@ -778,7 +778,7 @@ class Resources:
     @cached_property
     def model(self) -> Path:
         """Named `final`, as the demo's runs/demo/final: a server calls its model by the directory's name."""
-        from test_model import tiny_config
+        from helpers.model import tiny_config
 
         from openflamingo import build_flamingo, save_pretrained
 

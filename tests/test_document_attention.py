@@ -4,7 +4,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import tiny_config
+from helpers.model import loss_and_grads, packed_batch, tiny_config
 
 from openflamingo import build_flamingo
 from openflamingo.model import flamingo as flamingo_module
@@ -14,40 +14,6 @@ from openflamingo.model.packing import (
     document_spans,
     packed_attention_mask,
 )
-
-
-def packed_batch(model, seed=0):
-    """Two rows: three documents + padding, and two documents filling the row."""
-    tokenize = lambda text: model.tokenizer(text, return_tensors="pt").input_ids[0]  # noqa: E731
-    docs = [
-        [
-            tokenize("<image>a red cat<|endofchunk|>"),
-            tokenize("two <image>dogs run<|endofchunk|>"),
-            tokenize("hi"),
-        ],
-        [tokenize("<image>the sky<|endofchunk|><image>is blue"), tokenize("question <image>what")],
-    ]
-    length = max(sum(len(d) for d in row) for row in docs) + 2
-    input_ids = torch.full((2, length), model.special_ids.pad)
-    document_ids = torch.zeros(2, length, dtype=torch.long)
-    for r, row in enumerate(docs):
-        at = 0
-        for number, doc in enumerate(row, start=1):
-            input_ids[r, at : at + len(doc)] = doc
-            document_ids[r, at : at + len(doc)] = number
-            at += len(doc)
-    images = torch.randn(2, 3, 1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    labels = input_ids.masked_fill(document_ids == 0, -100)
-    return dict(
-        input_ids=input_ids, images=images, num_images=[2, 3], document_ids=document_ids, labels=labels
-    )
-
-
-def loss_and_grads(model, inputs):
-    model.zero_grad()
-    loss = model(**inputs).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])

@@ -64,7 +64,7 @@ def records(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer_dir, tmp_path_factory):
-    from test_eval_runs import tiny_model
+    from helpers.model import tiny_model
 
     from openflamingo import save_pretrained
 

@@ -1,40 +1,20 @@
 """Evaluation runs on a tiny random model: every task end to end through the CLI on fixtures in the official formats,
 saved predictions scored back to the live numbers, bad input rejected before the model loads."""
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import TINY_CLIP, lm_config
-from transformers import AutoTokenizer
+from helpers.eval import TASK_FILES, VQA_FILES, F, cli
+from helpers.model import tiny_model
 
 from openflamingo import (
-    CrossAttentionConfig,
-    FlamingoConfig,
-    PerceiverConfig,
-    VisionConfig,
-    build_flamingo,
     save_pretrained,
 )
-from openflamingo.eval import cli as eval_cli
 
-F = Path(__file__).parent / "fixtures" / "eval"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="CIDEr's PTB tokenizer needs Java")
-
-
-def tiny_model(tokenizer_dir, family="llama"):
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = FlamingoConfig(
-        language_model_config=lm_config(family, tokenizer),
-        tokenizer=str(tokenizer_dir),
-        vision=VisionConfig("hf_clip", config=TINY_CLIP),
-        perceiver=PerceiverConfig(depth=1, num_latents=4, heads=2, dim_head=8),
-        cross_attention=CrossAttentionConfig(every_n_layers=2, heads=2, dim_head=8, gate_init=0.5),
-    )
-    return build_flamingo(config, seed=0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -44,33 +24,6 @@ def checkpoint(tokenizer_dir, tmp_path_factory):
     return directory
 
 
-def cli(*argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="openflamingo")
-    eval_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    args.run(args)
-    return args
-
-
-VQA_FILES = [
-    "--questions", F / "vqa/val_questions.json", "--annotations", F / "vqa/val_annotations.json",
-    "--images", F / "vqa/val", "--train-questions", F / "vqa/train_questions.json",
-    "--train-annotations", F / "vqa/train_annotations.json", "--train-images", F / "vqa/train2014",
-]  # fmt: skip
-TASK_FILES = {
-    "coco": ["--karpathy-json", F / "coco/dataset_coco.json", "--references", F / "coco/captions_val2014.json",
-             "--images", F / "coco/images"],
-    "flickr30k": ["--karpathy-json", F / "flickr30k/dataset_flickr30k.json",
-                  "--references", F / "flickr30k/captions_test.json", "--images", F / "flickr30k/images"],
-    "vqav2": VQA_FILES, "okvqa": VQA_FILES, "textvqa": VQA_FILES, "vizwiz": VQA_FILES,
-    "imagenet": ["--images", F / "imagenet", "--class-names", F / "imagenet/class_names.json"],
-    "hateful_memes": ["--annotations", F / "hateful_memes/dev_seen.jsonl",
-                      "--train-annotations", F / "hateful_memes/train.jsonl", "--images", F / "hateful_memes"],
-    "nlvr2": ["--annotations", F / "nlvr2/dev.json", "--train-annotations", F / "nlvr2/train.json",
-              "--images", F / "nlvr2/images"],
-    "easy_vqa": ["--num-samples", "6"],
-    "easy_vqa_binding": ["--num-samples", "4"],
-}  # fmt: skip
 # What `eval score` needs: the evaluated split's references only.
 SCORE_FILES = {t: [] for t in TASK_FILES}
 for _task, _files in TASK_FILES.items():

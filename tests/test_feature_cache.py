@@ -8,12 +8,10 @@ import io
 
 import pytest
 import torch
+from helpers.data import image_bytes, mixed_shards, pair, write_shards
+from helpers.model import META, ReachedModel, assert_on, tiny_model
+from helpers.train import config_of, one_thread, records, shard_run  # noqa: F401 (one_thread: autouse, 1 torch thread)
 from PIL import Image
-from test_data_helpers import image_bytes, mixed_shards, pair, write_shards
-from test_device import META, ReachedModel, assert_on
-from test_eval_runs import tiny_model
-from test_train import config_of, one_thread, records  # noqa: F401 (one_thread: autouse, 1 torch thread)
-from test_train_demo import shard_run
 
 from openflamingo.data import (
     BadSample,

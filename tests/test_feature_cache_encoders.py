@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.data import FIXTURES, image_bytes, img2dataset_shard, write_shards
+from helpers.train import config_of, one_thread, records, shard_run  # noqa: F401 (one_thread: autouse, 1 torch thread)
 from PIL import Image
-from test_data_convert import img2dataset_shard
-from test_data_helpers import FIXTURES, image_bytes, write_shards
-from test_train import config_of, one_thread, records  # noqa: F401 (one_thread: autouse, 1 torch thread)
-from test_train_demo import shard_run
 from tiny import TINY_CLIP, lm_config
 from transformers import AutoTokenizer
 

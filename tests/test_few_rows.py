@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import TEXTS, batch, tiny_config
+from helpers.model import TEXTS, batch, tiny_config
 
 import openflamingo.model.few_rows as few_rows
 from openflamingo import build_flamingo

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
+from helpers.model import TEXTS, batch, perturbed, tiny_config
 from safetensors.torch import load_file, save_file
-from test_model import TEXTS, batch, tiny_config
 from transformers import AutoTokenizer
 
 import openflamingo
@@ -15,15 +15,6 @@ from openflamingo.model.checkpoint import init_config, load_strict
 from openflamingo.model.lora import LoraSettings, merge_lora
 
 LORA = LoraSettings(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
-
-
-def perturbed(model):
-    """Every trainable tensor moved away from its init, so a tensor that fails to load would show."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn_like(param))
-    return model
 
 
 @pytest.fixture()
@@ -182,8 +173,8 @@ def test_export_merge_lora_gives_a_plain_checkpoint_with_the_same_logits(tokeniz
 
 def test_a_fine_tuning_run_starts_from_saved_weights_and_records_its_chat_format(tokenizer_dir, tmp_path):
     """init_from + LLaVA conversations in a chat template + LoRA, through `openflamingo train`, then generate."""
-    from test_conversations import CHATML, _png
-    from test_train import tiny_run
+    from helpers.data import CHATML, _png
+    from helpers.train import tiny_run
 
     from openflamingo.cli import main
     from openflamingo.data.convert import convert
@@ -222,7 +213,7 @@ def test_a_fine_tuning_run_starts_from_saved_weights_and_records_its_chat_format
     }
     run["data"] = {"loader": "shards"}
     run["datasets"]["chat"]["options"] = {"num_workers": 0, "shuffle_buffer": 1}
-    from test_train import config_of
+    from helpers.train import config_of
 
     from openflamingo.train import train
 

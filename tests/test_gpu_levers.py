@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import config_of, one_thread, tiny_run, trainable_state  # noqa: F401  (one_thread: autouse)
+from helpers.train import config_of, one_thread, tiny_run, trainable_state  # noqa: F401  (one_thread: autouse)
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 

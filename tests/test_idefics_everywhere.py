@@ -9,10 +9,17 @@ import math
 from pathlib import Path
 
 import pytest
-from test_convert_idefics import hub_directory
-from test_eval_runs import TASK_FILES, F, cli
-from test_train import FINE_TUNED_LM, config_of, one_thread, tiny_run  # noqa: F401  (one_thread: autouse)
-from test_train_distributed import assert_same_weights, logged_losses, torchrun
+from helpers.eval import TASK_FILES, F, cli
+from helpers.idefics import hub_directory
+from helpers.train import (
+    FINE_TUNED_LM,
+    assert_same_weights,
+    config_of,
+    logged_losses,
+    one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
+    tiny_run,
+    torchrun,
+)
 
 import openflamingo
 from openflamingo.eval import DataPaths, EvalConfig, prepare, run

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers.data import pair, write_shards
+from helpers.model import tiny_model
 from PIL import EpsImagePlugin, Image
-from test_data_helpers import pair, write_shards
-from test_eval_runs import tiny_model
 
 from openflamingo.data import (
     BadSample,

@@ -4,8 +4,7 @@ alone (ImageSpans) instead of all of the row's under a mask, with the mask's los
 import pytest
 import torch
 import torch.nn.functional as F
-from test_document_attention import loss_and_grads, packed_batch
-from test_model import batch, tiny_config
+from helpers.model import batch, loss_and_grads, packed_batch, tiny_config
 
 from openflamingo import build_flamingo
 from openflamingo.model import media as media_module

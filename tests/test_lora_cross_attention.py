@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.model import TEXTS, batch, perturbed, tiny_config
+from helpers.train import config_of, one_thread, tiny_run  # noqa: F401  (one_thread: the autouse fixture)
 from safetensors.torch import load_file, save_file
-from test_finetune import perturbed
-from test_model import TEXTS, batch, tiny_config
-from test_train import config_of, one_thread, tiny_run  # noqa: F401  (one_thread: the autouse fixture)
 from torch import nn
 
 import openflamingo
@@ -199,7 +198,7 @@ def test_block_lora_trains_and_resumes_exactly(tokenizer_dir, tmp_path):
 def test_fsdp2_with_activation_checkpointing_trains_block_lora_like_one_process(tokenizer_dir, tmp_path):
     """2 processes (gloo), each with half the global batch: the losses and every saved tensor of the single-process
     run, adapters of the LM and of the blocks included (frozen bases and adapters share the blocks' FSDP units)."""
-    from test_train_distributed import logged_losses, torchrun
+    from helpers.train import logged_losses, torchrun
 
     from openflamingo.train import train
     from openflamingo.train.config import to_toml
@@ -230,7 +229,7 @@ def test_an_idefics_conversion_fine_tuned_with_lora_on_lm_and_blocks_exports_mer
 ):
     """convert idefics -> `openflamingo train` (init_from, LoRA on the LM and on every block linear layer)
     -> `openflamingo export --merge-lora` -> load: the logits and greedy tokens of the LoRA model."""
-    from test_convert_idefics import hub_directory, pixels, prompts
+    from helpers.idefics import hub_directory, pixels, prompts
 
     from openflamingo.model.convert.idefics import convert_idefics
     from openflamingo.train import train

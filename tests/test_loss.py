@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import TEXTS, batch, tiny_config
+from helpers.model import TEXTS, batch, tiny_config
 
 import openflamingo.model.loss as loss_module
 from openflamingo import build_flamingo

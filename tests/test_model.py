@@ -2,43 +2,13 @@
 
 import pytest
 import torch
-from tiny import FAMILIES, TINY_CLIP, lm_config
-from transformers import AutoTokenizer
+from helpers.model import TEXTS, batch, tiny_config
+from tiny import FAMILIES
 
-from openflamingo import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, VisionConfig, build_flamingo
+from openflamingo import CrossAttentionConfig, PerceiverConfig, build_flamingo
 from openflamingo.model.cross_attention import MaskedCrossAttention, media_attention_mask
 from openflamingo.model.flamingo import next_token_targets
 from openflamingo.model.perceiver import PerceiverResampler
-
-
-def tiny_config(tokenizer_dir, family="llama", **cross_attention) -> FlamingoConfig:
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return FlamingoConfig(
-        language_model_config=lm_config(family, tokenizer),
-        tokenizer=str(tokenizer_dir),
-        vision=VisionConfig("hf_clip", config=TINY_CLIP),
-        perceiver=PerceiverConfig(depth=2, num_latents=4, heads=2, dim_head=8, max_num_frames=2),
-        cross_attention=CrossAttentionConfig(
-            **{"every_n_layers": 2, "heads": 2, "dim_head": 8, "gate_init": 0.5, **cross_attention}
-        ),
-    )
-
-
-def batch(model, texts, num_images, frames=1, seed=0):
-    tokenizer = model.tokenizer
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(texts, return_tensors="pt", padding=True)
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(len(texts), max(num_images), frames, 3, 32, 32, generator=generator)
-    return dict(
-        input_ids=encoded.input_ids,
-        attention_mask=encoded.attention_mask,
-        images=images,
-        num_images=num_images,
-    )
-
-
-TEXTS = ["<image>a red cat sits<|endofchunk|><image>a dog", "question <image>the sky"]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -3,7 +3,10 @@ itself back through the others, and the model (`flamingo.py`) knows nothing abou
 
 Every import counts, at module level or inside a function, relative or absolute: a lazy import only postpones a
 cycle to the call that runs it. Importing `pkg.sub` runs `pkg/__init__.py` first, so it is an edge to `pkg` too
-(unless `pkg` contains the importer: Python imports that package before any of its modules anyway)."""
+(unless `pkg` contains the importer: Python imports that package before any of its modules anyway).
+
+The tests keep a layout too: test modules share builders through tests/helpers/ (and tiny.py, serving.py,
+idefics_reference.py), never by importing one another."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).parents[1] / "src"
+TESTS = Path(__file__).parent
 PACKAGE = "openflamingo.model"
 
 
@@ -157,3 +161,29 @@ def test_lower_layers_do_not_import_higher_ones(importer, forbidden):
         if target == f"{PACKAGE}.{name}" or target.startswith(f"{PACKAGE}.{name}.")
     }
     assert not bad, "; ".join(" -> ".join(path) for path in bad.values())
+
+
+def imported_test_modules(source: str, name: str) -> set[str]:
+    """The test modules (`test_*`) that module `name` of tests/ imports, at module level or inside a function."""
+    return {
+        imported.partition(".")[0]
+        for imported in imported_names(source, name)
+        if imported.startswith("test_") and imported.partition(".")[0] != name
+    }
+
+
+def test_no_test_module_imports_another():
+    """A test module is there for its tests: what several of them build the same way lives in tests/helpers/, so
+    that running, moving or changing one test module never depends on another (nor re-activates its fixtures)."""
+    lazy = "def test_x():\n    from test_model import batch\n    import test_train as t\n"
+    assert imported_test_modules(lazy, "test_a") == {"test_model", "test_train"}  # it sees lazy imports
+    assert imported_test_modules("from helpers.model import batch\nimport test_a\n", "test_a") == set()
+    offenders = {
+        path.relative_to(TESTS).as_posix(): sorted(found)
+        for path in sorted(TESTS.rglob("*.py"))
+        if (found := imported_test_modules(path.read_text(), path.stem))
+    }
+    assert not offenders, (
+        "test modules importing test modules (move what they share to tests/helpers/): "
+        + "; ".join(f"{path} imports {', '.join(names)}" for path, names in offenders.items())
+    )

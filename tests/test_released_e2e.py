@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.train import one_thread  # noqa: F401 (an autouse fixture: tiny models run on one thread)
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import one_thread  # noqa: F401 (an autouse fixture: tiny models run on one thread)
 
 import openflamingo
 from openflamingo.cli import main as cli_main

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.train import _launch, kill_after_logged_steps, records
 from safetensors.torch import load_file
-from test_train import _launch, kill_after_logged_steps, records
 
 from openflamingo.train import train
 from openflamingo.train.config import RunConfig, load_config, to_toml

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from helpers.serve import generate
 from serving import (
     MODEL,
     free_port,
@@ -20,10 +21,6 @@ from serving import (
 
 from openflamingo import save_pretrained
 from openflamingo.cli import main
-from openflamingo.model.inputs import prepare_inputs
-from openflamingo.serve.images import ImagePolicy
-from openflamingo.serve.prepare import prepare_prompt
-from openflamingo.serve.protocol import Limits, parse_messages
 
 openai = pytest.importorskip("openai", reason="the serving tests use the openai client (pip install openai)")
 
@@ -44,23 +41,6 @@ def server(model):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def generate(model, messages, max_new_tokens) -> str:
-    """What Flamingo.generate answers for the prompt the server builds."""
-    conversation = parse_messages(messages, Limits(MODEL))
-    prompt = prepare_prompt(model, model.config.prompt_format, conversation, ImagePolicy())
-    inputs = prepare_inputs(model, [prompt.text], [[]])
-    output = model.generate(
-        input_ids=inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
-        images=prompt.images,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-    )
-    return model.tokenizer.decode(
-        output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-    ).lstrip()
 
 
 def test_answer_about_an_image_equals_flamingo_generate(client, model):

@@ -3,85 +3,27 @@ and exact resume after SIGKILL."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from tiny import TINY_CLIP, lm_config
-from transformers import AutoTokenizer
+from helpers.train import (
+    FINE_TUNED_LM,
+    _launch,
+    config_of,
+    kill_after_logged_steps,
+    one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
+    records,
+    tiny_run,
+    trainable_state,
+)
 
 from openflamingo import load
 from openflamingo.train import NonFiniteLossError, train
-from openflamingo.train.config import RunConfig, run_config, to_toml
+from openflamingo.train.config import to_toml
 from openflamingo.train.data import LOADERS, SyntheticLoader, build_synthetic_loader
 from openflamingo.train.optim import LRSchedule, build_optimizer
 from openflamingo.train.parallelize import apply_activation_checkpointing
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared cores spinning OpenMP threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_run(tokenizer_dir, output_dir, **sections) -> dict:
-    """A whole run config as plain data: tiny llama + tiny CLIP, two synthetic datasets, small everything."""
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    run = {
-        "model": {
-            "language_model_config": lm_config("llama", tokenizer),
-            "tokenizer": str(tokenizer_dir),
-            "vision": {"kind": "hf_clip", "config": TINY_CLIP},
-            "perceiver": {"depth": 1, "num_latents": 4, "heads": 2, "dim_head": 8},
-            "cross_attention": {
-                "every_n_layers": 2,
-                "heads": 2,
-                "dim_head": 8,
-                "gate_init": 1.0,
-                "zero_init_output": True,
-            },
-        },
-        "datasets": {
-            "pairs": {"batch_size": 4, "loss_weight": 0.2, "seq_len": 12},
-            "docs": {"batch_size": 2, "seq_len": 24, "max_images": 3, "kind": "interleaved"},
-        },
-        "train": {"steps": 4, "lr": 3e-3, "warmup_steps": 2, "output_dir": str(output_dir)},
-        "checkpoint": {"every": 2, "keep": 2},
-        "log": {"progress": False, "peak_tflops": 1.0, "mfu": False},
-    }
-    for section, values in sections.items():
-        run.setdefault(section, {}).update(values)
-    return run
-
-
-# LoRA adapters plus one fully trained decoder layer: what fine-tuning recipes train besides the Flamingo parts.
-FINE_TUNED_LM = {
-    "lora": {"rank": 2, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"]},
-    "train_language_model_layers": [1],
-}
-
-
-def config_of(run: dict) -> RunConfig:
-    return run_config(run)
-
-
-def records(output_dir) -> dict[int, dict]:
-    """metrics.jsonl by step; after a resume the last record of a step wins."""
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_training_logs_every_metric_keeps_last_checkpoints_and_exports_a_loadable_model(
@@ -272,35 +214,6 @@ def test_checkpoint_that_does_not_load_completely_is_an_error(tokenizer_dir, tmp
     shard.write_bytes(shard.read_bytes()[:100])  # truncated on disk
     with pytest.raises(ValueError, match="step_00000003: cannot load"):
         train(config_of(tiny_run(tokenizer_dir, tmp_path, train={"steps": 4})))
-
-
-def kill_after_logged_steps(config_path: Path, metrics: Path, steps: int, timeout: float) -> None:
-    """Train from `config_path` in a child process and SIGKILL it once `metrics` has `steps` records."""
-    process = _launch(config_path)
-    deadline = time.monotonic() + timeout
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
-        assert process.poll() is None, process.stdout.read().decode()
-        assert time.monotonic() < deadline, "training did not progress"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-
-
-def _launch(config_path: Path, **extra) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1", **extra)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import torch, sys; torch.set_num_threads(int(sys.argv[1]));"
-            "from openflamingo.train.cli import main; sys.exit(main(['--config', sys.argv[2]]))",
-            str(torch.get_num_threads()),
-            str(config_path),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
 
 
 @pytest.mark.slow

@@ -6,20 +6,13 @@ import json
 
 import pytest
 import torch
-from test_data_helpers import mixed_shards
-from test_train import config_of, records, tiny_run
+from helpers.data import mixed_shards
+from helpers.train import config_of, records, shard_run, tiny_run
 
 from openflamingo import build_flamingo
 from openflamingo.train import train
 from openflamingo.train.config import EvaluateConfig, ExtraEvaluation
 from openflamingo.train.evaluate import cross_attention_off, evaluate_after_training
-
-
-def shard_run(tokenizer_dir, shards_dir, output_dir, **sections) -> dict:
-    run = tiny_run(tokenizer_dir, output_dir, data={"loader": "shards"}, **sections)
-    for dataset in run["datasets"].values():
-        dataset.update(path=str(shards_dir), options={"num_workers": 1, "shuffle_buffer": 8})
-    return run
 
 
 def test_training_on_shards_resumes_with_exactly_the_same_batches(tokenizer_dir, tmp_path):

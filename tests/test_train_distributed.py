@@ -3,16 +3,17 @@ and an FSDP2 run resumes from its sharded checkpoint."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_train import FINE_TUNED_LM, config_of, one_thread, tiny_run  # noqa: F401  (one_thread: autouse)
+from helpers.train import (
+    FINE_TUNED_LM,
+    assert_same_weights,
+    config_of,
+    logged_losses,
+    one_thread,  # noqa: F401 (an autouse fixture: tiny models run on one thread)
+    tiny_run,
+    torchrun,
+)
 
 from openflamingo.train import train
 from openflamingo.train.config import to_toml
@@ -21,31 +22,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available"),
 ]
-
-
-def torchrun(config_path: Path, *overrides: str, timeout: int = 240) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "openflamingo.train", "--config", str(config_path), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, (
-        done.stdout[-3000:]
-        + "\n".join(line for line in done.stderr.splitlines() if "DEBUG" not in line)[-8000:]
-    )
-    return done.stderr
-
-
-def logged_losses(output_dir: Path) -> dict[int, float]:
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    for file in ("model.safetensors", "adapter/adapter_model.safetensors"):
-        ours, theirs = load_file(a / "final" / file), load_file(b / "final" / file)
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.fixture(scope="module")

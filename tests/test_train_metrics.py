@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.flop_counter as flop_counter
-from test_train import config_of, records, tiny_run
+from helpers.train import config_of, records, tiny_run
 
 import openflamingo.train.loop as loop
 from openflamingo.train import train

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import torch
-from test_train import config_of, one_thread, tiny_run  # noqa: F401  (one_thread: autouse)
+from helpers.train import config_of, one_thread, tiny_run  # noqa: F401  (one_thread: autouse)
 
 from openflamingo.train import distributed
 from openflamingo.train.loop import StepWindow, TrainState, setup, train

@@ -209,3 +209,27 @@ class Batcher:
         batch_rows = [[self.pending[i] for i in row] for row in rows]
         self.pending = [s for i, s in enumerate(self.pending) if i not in placed]
         return collate_packed(batch_rows, self.pad_id, self.media)
+
+
+def concat_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """The rows of several batches of one dataset in one batch: tokens right-padded to the longest, images
+    zero-padded to the most per row; one batch is returned as it is."""
+    if len(batches) == 1:
+        return batches[0]
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}  # attention_mask, document_ids, images: 0
+    out = {}
+    for key in batches[0]:
+        parts = [batch[key] for batch in batches]
+        if key == "num_images":
+            out[key] = torch.cat(parts)
+            continue
+        size = max(part.shape[1] for part in parts)
+        padded = []
+        for part in parts:
+            missing = size - part.shape[1]
+            if missing:
+                pad = part.new_full((part.shape[0], missing, *part.shape[2:]), fill.get(key, 0))
+                part = torch.cat([part, pad], dim=1)
+            padded.append(part)
+        out[key] = torch.cat(padded)
+    return out

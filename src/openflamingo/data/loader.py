@@ -1,26 +1,26 @@
 """Loaders: one dataset (ShardLoader) or several mixed, each with its own batch size and loss weight (MixedLoader).
 
-Exact resume rests on torchdata's StatefulDataLoader: every worker sends its dataset state along with each batch
-(`snapshot_every_n_steps=1`), so the loader's `state_dict()` describes exactly the batches handed out so far, not
-the ones still prefetched in worker queues, and it restores which worker's batch comes next. The per-worker part
-(shard position, shuffle buffer, RNG) is ShardStream's, in dataset.py.
+A ShardLoader reads its process's streams (dataset.py) in torch DataLoader workers; every chunk arrives with its
+stream's state right after it, and a step's batch is handed out only when every stream's chunk for it is there.
+The loader's `state_dict()` is the states of exactly the chunks handed out so far (not of the ones still
+prefetched), keyed by stream, so the states of all processes together describe the global data position: a run
+resumes on another number of processes by merging them (`merge_state_dicts`) and loading the merge.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader
 
 from ..errors import InputError
+from .batching import concat_batches
 from .dataset import DatasetConfig, Preprocess, ShardStream
 from .features import FeatureCache
 
-# torchdata 0.11 calls torch.set_vital on every iteration, which newer torch deprecates with a warning each time.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+STATE_FORMAT = "openflamingo-streams/1"
 
 
 def _distributed_rank_and_size() -> tuple[int, int]:
@@ -30,11 +30,12 @@ def _distributed_rank_and_size() -> tuple[int, int]:
 
 
 class ShardLoader:
-    """Batches of one dataset for this rank; iterate it, and save/restore `state_dict()` with checkpoints.
+    """Batches of one dataset for this process; iterate it, and save/restore `state_dict()` with checkpoints.
 
-    Resume with the same shards, seed, batch size, ranks and workers. With `epochs=None` (the default) iteration
-    never ends: each worker moves on to the next epoch (a new shard order) by itself. With `features` (a
-    FeatureCache of the frozen encoder's output) batches carry `image_features` instead of `images`.
+    Iterating again continues where the batches handed out so far end. Resume with the same shards, seed, global
+    batch size and streams, on any number of processes that divides the streams. With `epochs=None` (the default)
+    iteration never ends: each stream moves on to the next epoch (a new shard order) by itself. With `features`
+    (a FeatureCache of the frozen encoder's output) batches carry `image_features` instead of `images`.
     """
 
     def __init__(
@@ -51,26 +52,50 @@ class ShardLoader:
             rank, world_size = _distributed_rank_and_size()
         self.config = config
         self.dataset = ShardStream(config, tokenizer, preprocess, rank, world_size, features)
-        # A worker without shards would only idle; fewer workers keep the batch order independent of that.
-        self.num_workers = min(config.num_workers, self.dataset.shards_per_rank())
-        self.loader = StatefulDataLoader(
-            self.dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            prefetch_factor=config.prefetch_factor if self.num_workers else None,
-            snapshot_every_n_steps=1,
-            multiprocessing_context=multiprocessing_context if self.num_workers else None,
-        )
+        self.multiprocessing_context = multiprocessing_context
+        self._states: dict[int, dict[str, Any]] = {}  # stream -> its state after its last chunk handed out
+
+    @property
+    def num_workers(self) -> int:
+        """The most workers, up to num_workers, that read the same number of streams each: with round-robin
+        delivery the chunks of a step then arrive together."""
+        streams = len(self.dataset.streams)
+        return max(w for w in range(min(self.config.num_workers, streams) + 1) if w == 0 or streams % w == 0)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return iter(self.loader)
+        self.dataset.restored = dict(self._states)
+        workers = self.num_workers
+        items = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.config.prefetch_factor if workers else None,
+            multiprocessing_context=self.multiprocessing_context if workers else None,
+        )
+        running = set(self.dataset.streams)
+        arrived: dict[
+            int, dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]]
+        ] = {}  # chunk no. -> stream
+        step = 1 + max((state["chunks"] for state in self._states.values()), default=0)
+        for stream, chunk, state in items:
+            if chunk is None:
+                running.discard(stream)
+                self._states[stream] = state
+            else:
+                arrived.setdefault(state["chunks"], {})[stream] = (chunk, state)
+            while (ready := arrived.get(step)) and running <= ready.keys():
+                del arrived[step]
+                step += 1
+                for j, (_, state) in ready.items():
+                    self._states[j] = state
+                yield concat_batches([ready[j][0] for j in sorted(ready)], self.dataset.formatter.pad_id)
 
     def stats(self) -> dict[str, Any]:
-        """Samples used, truncated, and skipped by reason, summed over this rank's workers, as of the batches
-        handed out so far (read from the loader state, which holds each worker's counts)."""
+        """Samples used, truncated, and skipped by reason, summed over this process's streams, as of the batches
+        handed out so far."""
         total: dict[str, Any] = {"samples": 0, "truncated": 0, "bad": {}}
-        for worker_state in _worker_states(self.loader.state_dict()):
-            counts = worker_state["counts"]
+        for state in self._states.values():
+            counts = state["counts"]
             total["samples"] += counts["samples"]
             total["truncated"] += counts["truncated"]
             for reason, n in counts["bad"].items():
@@ -78,20 +103,45 @@ class ShardLoader:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        """JSON-able: the format, the number of streams and this process's streams' states (keys are strings)."""
+        streams = {str(j): state for j, state in sorted(self._states.items())}
+        return {"format": STATE_FORMAT, "num_streams": self.dataset.num_streams, "streams": streams}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
+        """Continue from a state of this loader, or from the merge of several processes' states (any number of
+        processes that divides the streams); the streams' own checks (shards, seed, rows per stream) run when
+        iteration starts."""
+        if state.get("format") != STATE_FORMAT:
+            raise InputError(
+                "loader state is not a stream state (it was written before openflamingo's data order was made of "
+                "streams); resume it with the openflamingo version that wrote it"
+            )
+        saved = state["num_streams"]
+        if self.config.streams is not None and self.config.streams != saved:
+            raise InputError(
+                f"the saved data order has {saved} streams but this run asks for streams = {self.config.streams}; "
+                f"leave streams unset or set it to {saved}"
+            )
+        if saved != self.dataset.num_streams:
+            self.dataset.set_streams(saved)
+        streams = {int(j): s for j, s in state["streams"].items()}
+        missing = [j for j in self.dataset.streams if j not in streams]
+        if streams and missing:
+            raise InputError(
+                f"loader state has no entry for stream {missing[0]} (it holds streams {sorted(streams)} of {saved}); "
+                "load the merge of every process's state (merge_state_dicts)"
+            )
+        self._states = {j: streams[j] for j in self.dataset.streams if j in streams}
 
-
-def _worker_states(state: Any) -> Iterator[dict[str, Any]]:
-    """ShardStream's per-worker states wherever StatefulDataLoader nests them (found by their own keys)."""
-    if isinstance(state, dict):
-        if "fingerprint" in state and "counts" in state:
-            yield state
-            return
-        for value in state.values():
-            yield from _worker_states(value)
+    @staticmethod
+    def merge_state_dicts(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One state holding the streams of several processes' states (each process's `state_dict()`)."""
+        formats = {(s.get("format"), s.get("num_streams")) for s in states}
+        if len(formats) != 1:
+            raise InputError(
+                f"loader states of different layouts cannot be merged: {sorted(map(str, formats))}"
+            )
+        return {**states[0], "streams": {j: s for state in states for j, s in state["streams"].items()}}
 
 
 class MixedLoader:
@@ -147,4 +197,10 @@ class MixedLoader:
         if missing:
             raise InputError(f"loader state has no entry for datasets {missing} (it has {sorted(state)})")
         for name, loader in self.loaders.items():
-            loader.load_state_dict(state[name])
+            try:
+                loader.load_state_dict(state[name])
+            except InputError as error:
+                raise InputError(f"datasets.{name}: {error}") from None
+
+    def merge_state_dicts(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        return {name: ShardLoader.merge_state_dicts([s[name] for s in states]) for name in self.loaders}

@@ -4,7 +4,9 @@ A checkpoint is `output_dir/checkpoints/step_00001000/` holding the trainable mo
 schedule and counters, and per rank the data-loader state and RNG states. It is written under a temporary name
 and renamed when complete, so a crash (even SIGKILL) leaves either the previous checkpoints or the new one, never a
 half one; resume ignores anything that is not a complete checkpoint. Loading is strict: a tensor missing from the
-checkpoint, a tensor the run does not expect, or a shape mismatch is an error.
+checkpoint, a tensor the run does not expect, or a shape mismatch is an error. A run may resume on another number
+of processes: DCP reshards the model and optimizer, and every process then reads all the saved per-rank states
+(the loop merges their loader states).
 """
 
 from __future__ import annotations
@@ -163,27 +165,27 @@ class Checkpointer:
     # ----- loading --------------------------------------------------------------------------------------------------
     def load(
         self, path: Path, model: nn.Module, optimizer, train_template: dict[str, Any]
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore model and optimizer in place; return (train state, this rank's state incl. RNG, not yet restored)."""
+    ) -> tuple[dict[str, Any], dict[int, dict[str, Any]], int]:
+        """Restore model and optimizer in place; return (train state, {rank: that rank's state incl. RNG, not yet
+        restored}, the number of processes that wrote it): this rank's state alone when that number is this run's,
+        else every rank's."""
         meta = json.loads((path / META).read_text())
-        if meta["world_size"] != self.dist.world_size:
-            raise InputError(
-                f"{path}: written by {meta['world_size']} processes, this run has {self.dist.world_size}; "
-                "the data-loader position is per process, so resume with the same number"
-            )
+        same_layout = meta["world_size"] == self.dist.world_size
+        ranks = [self.dist.rank] if same_layout else list(range(meta["world_size"]))
         reader = dcp.FileSystemReader(str(path))
         saved = reader.read_metadata().state_dict_metadata
-        rank_key = f"rank_{self.dist.rank}"
-        if rank_key not in saved:
-            raise InputError(f"{path}: no state for process {self.dist.rank}")
+        rank_keys = [f"rank_{rank}" for rank in ranks]
+        for rank, key in zip(ranks, rank_keys, strict=True):
+            if key not in saved:
+                raise InputError(f"{path}: no state for process {rank}")
         state = {
             "model": model_state(model),
             "optim": get_optimizer_state_dict(model, optimizer),
             "train": train_template,
-            rank_key: torch.empty(saved[rank_key].size, dtype=torch.uint8),
+            **{key: torch.empty(saved[key].size, dtype=torch.uint8) for key in rank_keys},
         }
         expected = _flat_keys(state)
-        other_ranks = {k for k in saved if k.startswith("rank_") and k != rank_key}
+        other_ranks = {k for k in saved if k.startswith("rank_") and k not in rank_keys}
         unexpected = sorted(set(saved) - expected - other_ranks)
         missing = sorted(expected - set(saved))
         if unexpected or missing:
@@ -203,7 +205,8 @@ class Checkpointer:
                 f"{path}: model did not load completely ({sorted(not_loaded or result.unexpected_keys)})"
             )
         set_optimizer_state_dict(model, optimizer, state["optim"])
-        return state["train"], _unpack(state[rank_key])
+        rank_states = {rank: _unpack(state[key]) for rank, key in zip(ranks, rank_keys, strict=True)}
+        return state["train"], rank_states, meta["world_size"]
 
 
 @contextlib.contextmanager

@@ -4,7 +4,9 @@ The contract: each `next(loader)` is one micro-step, `{dataset name: batch}` whe
 as `model(**batch)` (input_ids, attention_mask, labels with -100 where no loss, images (B, T_img, F, C, H, W),
 num_images (B,), document_ids (B, L) for packed batches), holding this rank's share of the dataset's
 `batch_size`. Any dataset may be absent from a micro-step. `state_dict()` / `load_state_dict()` capture everything
-needed to continue with exactly the batches an uninterrupted run would have seen.
+needed to continue with exactly the batches an uninterrupted run would have seen. A loader that can resume on
+another number of processes also has `merge_state_dicts(states)`: one state from every process's `state_dict()`,
+which `load_state_dict` then takes on each process of the new run.
 
 A real loader plugs in by name: `[data] loader = "package.module:function"` (or a name registered in `LOADERS`),
 where `function(datasets, data, model, rank, world_size)` returns such a loader.
@@ -45,7 +47,8 @@ class SyntheticLoader:
     """Random token/image batches shaped like real ones, reproducible from (seed, dataset, global sample index).
 
     Every sample is a function of its global index, so the union of all ranks' batches equals a single process's
-    batch of the same global size, and the state is just the number of micro-steps taken.
+    batch of the same global size, and the state is just the number of micro-steps taken (the same on every rank,
+    so a run resumes on any number of processes).
     Samples: `max_images` chunks of `<image> text <|endofchunk|>` of random lengths, right-padded; images on
     padded slots are zero and `num_images` says how many are real; labels ignore padding and `<image>`.
     """
@@ -124,14 +127,23 @@ class SyntheticLoader:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
+        batch_sizes = {name: d.batch_size for name, d in self.datasets.items()}
+        return {"step": self.step, "seed": self.seed, "batch_sizes": batch_sizes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size}
+        mine = {"seed": self.seed, "batch_sizes": {name: d.batch_size for name, d in self.datasets.items()}}
         theirs = {k: state.get(k) for k in mine}
         if theirs != mine:
-            raise InputError(f"loader state was saved for {theirs}, this run is {mine}")
+            raise InputError(
+                f"loader state was saved for {theirs}, this run is {mine}; keep the seed and the global batch sizes"
+            )
         self.step = int(state["step"])
+
+    @staticmethod
+    def merge_state_dicts(states: list[dict[str, Any]]) -> dict[str, Any]:
+        if any(state != states[0] for state in states):
+            raise InputError(f"the processes' loader states disagree: {states}")
+        return states[0]
 
 
 def build_synthetic_loader(

@@ -95,6 +95,20 @@ def measure_flops_per_token(
     return counter.get_total_flops() / positions if positions else None
 
 
+def resume_elsewhere(
+    loader, states: list[dict[str, Any]], config: RunConfig, dist: distributed.Distributed
+) -> None:
+    """Continue the data order of a checkpoint written by another number of processes: the loader takes the merge
+    of every saved process's state (runtime randomness, e.g. dropout, is seeded afresh per rank and step)."""
+    merge = getattr(loader, "merge_state_dicts", None)
+    if merge is None:
+        raise InputError(
+            f"data.loader {config.data.loader!r} keeps its position per process and has no merge_state_dicts, so "
+            f"the run cannot move from {len(states)} to {dist.world_size} processes; resume on {len(states)}"
+        )
+    loader.load_state_dict(merge(states))
+
+
 def train(config: RunConfig) -> TrainResult:
     with deterministic_algorithms(config.train):
         dist = distributed.setup(config.train.device)
@@ -288,10 +302,18 @@ def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
     state = TrainState(schedule=schedule.state_dict())
     resume_path = checkpointer.resolve(config.checkpoint.resume)
     if resume_path is not None:
-        saved, rank_state = checkpointer.load(resume_path, model, optimizer, state.state_dict())
+        saved, rank_states, saved_world_size = checkpointer.load(
+            resume_path, model, optimizer, state.state_dict()
+        )
         state.load_state_dict(saved)
-        trainer.loader.load_state_dict(rank_state["loader"])
-        restore_rng(rank_state["rng"])
+        if saved_world_size == dist.world_size:
+            trainer.loader.load_state_dict(rank_states[dist.rank]["loader"])
+            restore_rng(rank_states[dist.rank]["rng"])
+        else:
+            resume_elsewhere(
+                trainer.loader, [s["loader"] for _, s in sorted(rank_states.items())], config, dist
+            )
+            torch.manual_seed(tc.seed + 1_000_003 * dist.rank + state.step)
         schedule.load_state_dict(state.schedule)
 
     if dist.is_main:
@@ -299,7 +321,8 @@ def _train(config: RunConfig, dist: distributed.Distributed) -> TrainResult:
         (output_dir / "config.toml").write_text(to_toml(config.to_dict()))
     log = MetricLogger(config.log, output_dir, tc.steps, state.step, dist.is_main, config.to_dict())
     if resume_path is not None:
-        log.write(f"resumed from {resume_path} at step {state.step}")
+        moved = "" if saved_world_size == dist.world_size else f" (written by {saved_world_size} processes)"
+        log.write(f"resumed from {resume_path} at step {state.step} on {dist.world_size} processes{moved}")
     result = TrainResult(model=trainer.flamingo, resumed_from=resume_path)
 
     # Losses, gradient norms and the non-finite checks stay device tensors until the window reads them, in one

@@ -4,7 +4,9 @@ A dataset's `path` is a shard pattern (paths, brace patterns, folders, `pipe:` c
 (`pairs`, `vqa`, `fewshot`, `chat`, `binding`): easy-VQA's training split converted once into cached shards (the
 demo's data).
 Options (`[datasets.NAME.options]`): `num_workers` (default 1), `shuffle_buffer` (1000), `shots` (easy-VQA
-few-shot documents, 4), `row_tokens` (pack samples into rows of this many tokens; unset: padded batches).
+few-shot documents, 4), `row_tokens` (pack samples into rows of this many tokens; unset: padded batches), `streams`
+(the data order's streams over all processes, openflamingo.data.dataset; unset: processes x workers, or on resume
+the checkpoint's; a run resumes on any number of processes that divides it).
 With `[data] feature_cache = true` the frozen vision encoder's output for every image of the enabled datasets is
 computed once into cache_dir()/features/KEY.safetensors (KEY: the shards, their sizes and times, the encoder's
 fingerprint) and the batches carry it as `image_features` instead of `images`.
@@ -24,7 +26,7 @@ from ..backbones import cache_dir
 from ..errors import InputError
 from .config import DataConfig, DatasetConfig, rank_batch_size
 
-OPTIONS = {"num_workers": 1, "shuffle_buffer": 1000, "shots": 4, "row_tokens": None}
+OPTIONS = {"num_workers": 1, "shuffle_buffer": 1000, "shots": 4, "row_tokens": None, "streams": None}
 
 
 class StepIterator:
@@ -48,6 +50,9 @@ class StepIterator:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mixed.load_state_dict(state)
         self._steps = None
+
+    def merge_state_dicts(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.mixed.merge_state_dicts(states)
 
 
 def shard_paths(name: str, dataset: DatasetConfig, options: dict[str, Any]) -> str | list[str]:
@@ -90,6 +95,7 @@ def build_shard_loader(
             images=limits,
             shuffle_buffer=options["shuffle_buffer"],
             seed=seed,
+            streams=options["streams"],
             num_workers=options["num_workers"],
             loss_weight=dataset.loss_weight,
         )

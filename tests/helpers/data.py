@@ -1,10 +1,13 @@
-"""Shared helpers for the data tests (no tests here): images, samples, shards, a tiny preprocess, a CLI parser."""
+"""Data builders: images, samples, shards, a tiny preprocess, the data CLI, the converters' fixtures and a chat
+template."""
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
+import tarfile
 from pathlib import Path
 
 import torch
@@ -14,8 +17,19 @@ from openflamingo.data import ImageItem, ImageTextPair, InterleavedDocument, Sha
 from openflamingo.data.cli import register
 from openflamingo.model.vision import to_unit_tensor
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 IMAGE_SIZE = 16
+SKIMAGE = FIXTURES / "skimage-clip-captions"
+ALLENNLP = FIXTURES / "allennlp-vl-fixtures"
+PHOTOS = {
+    name: (SKIMAGE / "images" / name).read_bytes()
+    for name in ("horse.png", "page.png", "moon.png", "rocket.jpg")
+}
+# A ChatML template, as SmolLM2-Instruct's (without its default system prompt).
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def image_bytes(seed: int, size: tuple[int, int] = (24, 20), fmt: str = "PNG") -> bytes:
@@ -23,6 +37,12 @@ def image_bytes(seed: int, size: tuple[int, int] = (24, 20), fmt: str = "PNG") -
     image = Image.new("RGB", size, ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
     buffer = io.BytesIO()
     image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -57,6 +77,37 @@ def mixed_shards(directory: Path, pairs: int = 24, documents: int = 16, per_shar
     # interleave kinds so every shard has both
     order = sorted(range(len(samples)), key=lambda k: (k % 7, k))
     return write_shards(directory, [samples[k] for k in order], per_shard)
+
+
+def mmc4_line(images: list[dict], sentences: list[str], similarity: list[list[float]]) -> str:
+    return json.dumps(
+        {
+            "url": "https://example.org/page",
+            "text_list": sentences,
+            "image_info": images,
+            "similarity_matrix": similarity,
+        }
+    )
+
+
+def img2dataset_shard(path: Path, start: int) -> None:
+    """Laid out as img2dataset writes webdataset output: KEY.jpg, KEY.txt, KEY.json per sample."""
+    photo = (ALLENNLP / "images/flickr30k/4945942737.jpg").read_bytes()
+    with tarfile.open(path, "w") as archive:
+        for i in range(start, start + 3):
+            meta = {
+                "url": f"https://example.org/{i}.jpg",
+                "caption": f"a girl by the water {i}",
+                "status": "success",
+            }
+            for extension, data in (
+                ("jpg", photo),
+                ("txt", meta["caption"].encode()),
+                ("json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(f"{i:09d}.{extension}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
 
 
 def cli(argv: list[str]) -> int:
