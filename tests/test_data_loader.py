@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.data import mixed_shards, preprocess
+from helpers.data import loader_config, mixed_shards, preprocess
 from transformers import AutoTokenizer
 
-from openflamingo.data import DatasetConfig, FormatConfig, MixedLoader, PackingConfig, ShardLoader
+from openflamingo.data import DatasetConfig, MixedLoader, ShardLoader
 
 TESTS = Path(__file__).parent
 # torchdata 0.11 calls a torch API that newer torch deprecates, on every iteration
 pytestmark = pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
-
-
-def make_config(shards: str, packed: bool = False, **overrides) -> DatasetConfig:
-    settings = dict(
-        shards=shards,
-        batch_size=3,
-        shuffle_buffer=6,
-        num_workers=2,
-        seed=7,
-        format=FormatConfig(max_tokens=128),
-        packing=PackingConfig(row_tokens=160, max_images_per_row=8, pool_rows=1.5) if packed else None,
-    )
-    settings.update(overrides)
-    return DatasetConfig(**settings)
 
 
 def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
@@ -74,7 +62,7 @@ def tokenizer(tokenizer_dir):
 
 
 def test_same_seed_same_batches_and_each_epoch_has_its_own_order(shards, tokenizer):
-    config = make_config(shards, num_workers=0, epochs=2)
+    config = loader_config(shards, num_workers=0, epochs=2)
     first = list(ShardLoader(config, tokenizer, preprocess))
     again = list(ShardLoader(config, tokenizer, preprocess))
     assert_same_batches(first, again)
@@ -83,14 +71,14 @@ def test_same_seed_same_batches_and_each_epoch_has_its_own_order(shards, tokeniz
     # Without a shuffle buffer (which carries samples across the epoch boundary) epochs are separate permutations.
     in_shard_order = sample_names(
         tokenizer,
-        ShardLoader(make_config(shards, num_workers=0, epochs=2, shuffle_buffer=1), tokenizer, preprocess),
+        ShardLoader(loader_config(shards, num_workers=0, epochs=2, shuffle_buffer=1), tokenizer, preprocess),
     )
     assert (
         sorted(in_shard_order[:40]) == sorted(in_shard_order[40:])
         and in_shard_order[:40] != in_shard_order[40:]
     )
     other_seed = sample_names(
-        tokenizer, ShardLoader(make_config(shards, num_workers=0, epochs=2, seed=8), tokenizer, preprocess)
+        tokenizer, ShardLoader(loader_config(shards, num_workers=0, epochs=2, seed=8), tokenizer, preprocess)
     )
     assert other_seed != names
 
@@ -98,13 +86,13 @@ def test_same_seed_same_batches_and_each_epoch_has_its_own_order(shards, tokeniz
 def test_ranks_and_workers_split_the_shards_without_overlap(shards, tokenizer):
     seen = []
     for rank in range(2):
-        config = make_config(shards, epochs=1, num_workers=2)
+        config = loader_config(shards, epochs=1, num_workers=2)
         seen += sample_names(tokenizer, ShardLoader(config, tokenizer, preprocess, rank=rank, world_size=2))
     assert len(seen) == 40 and len(set(seen)) == 40
 
 
 def test_loader_state_is_json_and_holds_the_sample_counts(shards, tokenizer):
-    loader = ShardLoader(make_config(shards), tokenizer, preprocess)
+    loader = ShardLoader(loader_config(shards), tokenizer, preprocess)
     take(loader, 4)
     json.dumps(loader.state_dict())  # checkpoints can store it as JSON
     stats = loader.stats()
@@ -117,7 +105,7 @@ def continue_run(
 ) -> None:
     """In a fresh process: rebuild the loader, restore the saved state, write the next n batches."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    loader = ShardLoader(make_config(shards, packed), tokenizer, preprocess)
+    loader = ShardLoader(loader_config(shards, packed), tokenizer, preprocess)
     loader.load_state_dict(json.loads(Path(state_file).read_text()))
     torch.save(take(loader, n), out_file)
 
@@ -127,9 +115,9 @@ def test_resume_in_a_new_process_continues_with_exactly_the_same_batches(
     shards, tokenizer, tokenizer_dir, tmp_path, packed
 ):
     before, after = 9, 10  # with 2 workers x 4 shards of 5 samples this crosses shard and epoch boundaries
-    uninterrupted = take(ShardLoader(make_config(shards, packed), tokenizer, preprocess), before + after)
+    uninterrupted = take(ShardLoader(loader_config(shards, packed), tokenizer, preprocess), before + after)
 
-    loader = ShardLoader(make_config(shards, packed), tokenizer, preprocess)
+    loader = ShardLoader(loader_config(shards, packed), tokenizer, preprocess)
     first = take(loader, before)
     state_file, out_file = tmp_path / "state.json", tmp_path / "rest.pt"
     state_file.write_text(json.dumps(loader.state_dict()))
@@ -147,10 +135,10 @@ def test_resume_in_a_new_process_continues_with_exactly_the_same_batches(
 
 
 def test_resume_refuses_a_state_from_a_different_setup(shards, tokenizer):
-    loader = ShardLoader(make_config(shards, num_workers=0), tokenizer, preprocess)
+    loader = ShardLoader(loader_config(shards, num_workers=0), tokenizer, preprocess)
     take(loader, 2)
     state = loader.state_dict()
-    other = ShardLoader(make_config(shards, num_workers=0, seed=99), tokenizer, preprocess)
+    other = ShardLoader(loader_config(shards, num_workers=0, seed=99), tokenizer, preprocess)
     other.load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         take(other, 1)
@@ -158,8 +146,8 @@ def test_resume_refuses_a_state_from_a_different_setup(shards, tokenizer):
 
 def test_mixture_yields_each_dataset_with_its_own_batch_size_and_resumes(shards, tokenizer):
     configs = {
-        "pairs": make_config(shards, batch_size=2, num_workers=1, loss_weight=1.0),
-        "packed": make_config(shards, packed=True, batch_size=1, num_workers=1, loss_weight=0.5),
+        "pairs": loader_config(shards, batch_size=2, num_workers=1, loss_weight=1.0),
+        "packed": loader_config(shards, packed=True, batch_size=1, num_workers=1, loss_weight=0.5),
     }
     mixture = MixedLoader(configs, tokenizer, preprocess)
     assert mixture.loss_weights == {"pairs": 1.0, "packed": 0.5}
@@ -179,7 +167,7 @@ def test_mixture_yields_each_dataset_with_its_own_batch_size_and_resumes(shards,
 
 
 def test_a_mixture_of_one_dataset_is_fine_and_of_none_is_an_error(shards, tokenizer):
-    only = MixedLoader({"pairs": make_config(shards, num_workers=0, epochs=1)}, tokenizer, preprocess)
+    only = MixedLoader({"pairs": loader_config(shards, num_workers=0, epochs=1)}, tokenizer, preprocess)
     assert sum(step["pairs"]["input_ids"].shape[0] for step in only) == 40
     with pytest.raises(ValueError, match="at least one dataset"):
         MixedLoader({}, tokenizer, preprocess)
@@ -192,3 +180,21 @@ def test_dataset_config_from_a_toml_style_table():
     assert config.format.max_tokens == 64 and config.packing.row_tokens == 512 and config.loss_weight == 1.0
     with pytest.raises(ValueError, match=r"^dataset\.batchsize: unknown key"):
         DatasetConfig.from_dict({"shards": "a.tar", "batchsize": 4})
+
+
+def test_workers_start_in_the_thread_that_iterates_not_the_one_that_reads(shards, tokenizer, monkeypatch):
+    """The training loop reads batches in a prefetch thread; a fork from there can crash the child, so workers
+    start where the iteration (or a restore) begins."""
+    started_in = []
+    start = multiprocessing.process.BaseProcess.start
+
+    def recording_start(process):
+        started_in.append(threading.current_thread())
+        start(process)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", recording_start)
+    steps = iter(MixedLoader({"pairs": loader_config(shards, num_workers=1)}, tokenizer, preprocess))
+    reader = threading.Thread(target=next, args=(steps,))
+    reader.start()
+    reader.join()
+    assert started_in == [threading.main_thread()]

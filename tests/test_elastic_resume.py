@@ -8,11 +8,11 @@ import logging
 
 import pytest
 import torch
-from helpers.data import mixed_shards, preprocess
+from helpers.data import loader_config, mixed_shards, preprocess
 from helpers.train import config_of, logged_losses, one_thread, shard_run, tiny_run, torchrun  # noqa: F401
 from transformers import AutoTokenizer
 
-from openflamingo.data import DatasetConfig, FormatConfig, PackingConfig, ShardLoader
+from openflamingo.data import DatasetConfig, ShardLoader
 from openflamingo.errors import InputError
 from openflamingo.train import train
 from openflamingo.train.config import to_toml
@@ -22,18 +22,8 @@ GLOBAL_BATCH = 4
 
 
 def make_config(shards: str, packed: bool, **overrides) -> DatasetConfig:
-    settings = dict(
-        shards=shards,
-        batch_size=GLOBAL_BATCH,
-        streams=2,
-        shuffle_buffer=6,
-        num_workers=0,
-        seed=3,
-        format=FormatConfig(max_tokens=128),
-        packing=PackingConfig(row_tokens=160, max_images_per_row=8, pool_rows=1.5) if packed else None,
-    )
-    settings.update(overrides)
-    return DatasetConfig(**settings)
+    settings = dict(batch_size=GLOBAL_BATCH, streams=2, num_workers=0, seed=3)
+    return loader_config(shards, packed, **{**settings, **overrides})
 
 
 def loaders(shards: str, tokenizer, packed: bool, world_size: int, **overrides) -> list[ShardLoader]:

@@ -13,7 +13,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from openflamingo.data import ImageItem, ImageTextPair, InterleavedDocument, ShardWriter, TextItem
+from openflamingo.data import (
+    DatasetConfig,
+    FormatConfig,
+    ImageItem,
+    ImageTextPair,
+    InterleavedDocument,
+    PackingConfig,
+    ShardWriter,
+    TextItem,
+)
 from openflamingo.data.cli import register
 from openflamingo.model.vision import to_unit_tensor
 
@@ -121,3 +130,18 @@ def cli(argv: list[str]) -> int:
         print(f"openflamingo {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def loader_config(shards: str, packed: bool = False, **overrides) -> DatasetConfig:
+    """A small dataset of `shards` for the loader tests: padded, or packed into rows of 160 tokens."""
+    settings = dict(
+        shards=shards,
+        batch_size=3,
+        shuffle_buffer=6,
+        num_workers=2,
+        seed=7,
+        format=FormatConfig(max_tokens=128),
+        packing=PackingConfig(row_tokens=160, max_images_per_row=8, pool_rows=1.5) if packed else None,
+    )
+    settings.update(overrides)
+    return DatasetConfig(**settings)

@@ -65,17 +65,23 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.dataset.restored = dict(self._states)
         workers = self.num_workers
-        items = DataLoader(
-            self.dataset,
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=self.config.prefetch_factor if workers else None,
-            multiprocessing_context=self.multiprocessing_context if workers else None,
+        # The workers are forked here, in the caller's thread: a fork from a background thread (the training
+        # loop's prefetcher) can crash the child while other threads hold locks.
+        items = iter(
+            DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=workers,
+                prefetch_factor=self.config.prefetch_factor if workers else None,
+                multiprocessing_context=self.multiprocessing_context if workers else None,
+            )
         )
+        return self._steps(items)
+
+    def _steps(self, items: Iterator) -> Iterator[dict[str, torch.Tensor]]:
+        """Each step's batch once every running stream's chunk for it has arrived, in stream order."""
         running = set(self.dataset.streams)
-        arrived: dict[
-            int, dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]]
-        ] = {}  # chunk no. -> stream
+        arrived: dict[int, dict[int, tuple[dict, dict]]] = {}  # chunk number -> stream -> (chunk, its state)
         step = 1 + max((state["chunks"] for state in self._states.values()), default=0)
         for stream, chunk, state in items:
             if chunk is None:
@@ -174,7 +180,10 @@ class MixedLoader:
         self.loss_weights = {name: config.loss_weight for name, config in configs.items()}
 
     def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
-        iterators = {name: iter(loader) for name, loader in self.loaders.items()}
+        return self._steps({name: iter(loader) for name, loader in self.loaders.items()})  # workers start now
+
+    @staticmethod
+    def _steps(iterators: dict[str, Iterator]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
         while iterators:
             step = {}
             for name in list(iterators):

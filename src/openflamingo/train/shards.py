@@ -30,18 +30,17 @@ OPTIONS = {"num_workers": 1, "shuffle_buffer": 1000, "shots": 4, "row_tokens": N
 
 
 class StepIterator:
-    """`next()` gives one micro-step `{dataset: batch}` of a MixedLoader; the state is the loader's own."""
+    """`next()` gives one micro-step `{dataset: batch}` of a MixedLoader; the state is the loader's own. Its workers
+    start when it is made or restored, in that thread, not in the thread that later reads it (the prefetcher)."""
 
     def __init__(self, mixed):
         self.mixed = mixed
-        self._steps = None
+        self._steps = iter(mixed)
 
     def __iter__(self) -> StepIterator:
         return self
 
     def __next__(self) -> dict[str, dict[str, Any]]:
-        if self._steps is None:
-            self._steps = iter(self.mixed)
         return next(self._steps)
 
     def state_dict(self) -> dict[str, Any]:
@@ -49,7 +48,8 @@ class StepIterator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mixed.load_state_dict(state)
-        self._steps = None
+        self._steps = None  # the old workers stop before the new ones start
+        self._steps = iter(self.mixed)
 
     def merge_state_dicts(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         return self.mixed.merge_state_dicts(states)
